@@ -1,0 +1,1 @@
+"""SIM-Mamba IGTV network, selective scan, training and checkpoints (torch only, no DICOM)."""

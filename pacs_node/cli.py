@@ -1,0 +1,233 @@
+"""The ``igtv-node`` command line (typer).
+
+Each command parses its flags, builds typed settings and calls one function
+in the module that owns the work; heavy imports (torch, SimpleITK) happen
+inside the commands so ``igtv-node version`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pacs_node import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="igtv-node: a DICOM node that segments the lung IGTV on PET/CT and returns DICOM-SEG and RTSTRUCT.",
+)
+
+log = logging.getLogger("igtv_node")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _fail(exc: Exception) -> None:
+    """Print an expected error without a stack trace and exit 2."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of igtv-node and of the shipped model."""
+    typer.echo(f"igtv-node {__version__}")
+    try:
+        from model.checkpoint import shipped_checkpoint_info
+
+        info = shipped_checkpoint_info()
+        typer.echo(f"model {info}")
+    except ImportError:
+        typer.echo("model: not built yet")
+    except Exception as exc:  # the version command must always answer
+        typer.echo(f"model: unavailable ({exc})")
+    typer.echo(f"python {sys.version.split()[0]}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write studies into (one sub-folder per study)."),
+    seed: int = typer.Option(0, help="Seed of the first study; study i uses seed + i."),
+    cases: int = typer.Option(1, help="Number of studies to generate."),
+    motion: str = typer.Option("breathing", help="'breathing' (IGTV studies) or 'static' (GTV studies for pre-training)."),
+    small: bool = typer.Option(False, help="Reduced-size studies (fast, for tests)."),
+) -> None:
+    """Generate synthetic thorax PET/CT studies as DICOM files with GTV/IGTV truth."""
+    from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
+
+    _setup_logging("WARNING")
+    try:
+        options = SynthOptions(motion=motion, small=small)
+        paths = generate_studies(out, seed=seed, cases=cases, options=options, progress=True)
+    except IgtvError as exc:
+        _fail(exc)
+    for p in paths:
+        typer.echo(str(p))
+
+
+@app.command()
+def replay(
+    study_dir: Path = typer.Argument(..., help="Folder of DICOM files of one study (searched recursively)."),
+    out: Path = typer.Option(Path("igtv-results"), "--out", help="Folder for SEG, RTSTRUCT, preview and report."),
+    dest: list[str] = typer.Option([], "--dest", help="Send results to NAME=AET@HOST:PORT or NAME=URL (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="node.toml"),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (.safetensors); default: the shipped model."),
+) -> None:
+    """Run the worker path on a folder, without a listener."""
+    from pacs_node.replay import run_replay
+    from pipeline.errors import IgtvError
+
+    try:
+        from pacs_node.config import load_config
+
+        cfg = load_config(config)
+        _setup_logging(cfg.log_level)
+        if checkpoint is not None:
+            cfg.processing.checkpoint = checkpoint
+        code = run_replay(study_dir, out, dest, cfg)
+    except IgtvError as exc:
+        _fail(exc)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("igtv-demo"), "--out", help="Folder for the synthetic study and the results."),
+    seed: int = typer.Option(1234, help="Seed of the synthetic study."),
+) -> None:
+    """The embedded default: synthesise one PET/CT study and replay it through the whole pipeline."""
+    from pacs_node.config import NodeConfig
+    from pacs_node.replay import run_replay
+    from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
+
+    _setup_logging("INFO")
+    try:
+        typer.echo(f"Synthesising a thorax PET/CT study (seed {seed}) ...")
+        (study,) = generate_studies(out / "studies", seed=seed, cases=1, options=SynthOptions(), progress=True)
+        typer.echo(f"Study written to {study}")
+        code = run_replay(study, out / "results", [], NodeConfig())
+    except IgtvError as exc:
+        _fail(exc)
+    typer.echo(f"Results in {(out / 'results').resolve()}")
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def serve(
+    port: Optional[int] = typer.Option(None, help="DIMSE port (default 11112)."),
+    ae_title: Optional[str] = typer.Option(None, "--ae-title", help="Our AE title (default IGTV)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool, index and results (default ./igtv-data)."),
+    stable_age: Optional[float] = typer.Option(None, "--stable-age", help="Seconds without new instances before a study is complete (default 30)."),
+    dest: list[str] = typer.Option([], "--dest", help="NAME=AET@HOST:PORT or NAME=https://host/dicomweb (repeatable)."),
+    http_port: Optional[int] = typer.Option(None, "--http-port", help="STOW-RS, dashboard and metrics port (default 8080)."),
+    allow_aet: list[str] = typer.Option([], "--allow-aet", help="Accept only these calling AE titles (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="node.toml; flags override it."),
+) -> None:
+    """Run the node: DIMSE and DICOMweb listeners, study completion, workers, export."""
+    from pacs_node.config import load_config
+    from pacs_node.server import run_server
+    from pipeline.errors import IgtvError
+
+    try:
+        cfg = load_config(config)
+        from pacs_node.config import Destination, validate_config
+
+        if port is not None:
+            cfg.listener.port = port
+        if ae_title is not None:
+            cfg.listener.ae_title = ae_title
+        if data_dir is not None:
+            cfg.spool.data_dir = data_dir
+        if stable_age is not None:
+            cfg.spool.stable_age_s = stable_age
+        if http_port is not None:
+            cfg.http.port = http_port
+        if allow_aet:
+            cfg.listener.allow_aet = list(allow_aet)
+        if dest:
+            cfg.export.destinations = [Destination.parse(d) for d in dest]
+        validate_config(cfg)
+        _setup_logging(cfg.log_level)
+        run_server(cfg)
+    except IgtvError as exc:
+        _fail(exc)
+
+
+@app.command()
+def echo(
+    target: str = typer.Argument(..., help="AET@HOST:PORT"),
+    ae_title: str = typer.Option("IGTV", "--ae-title", help="Our calling AE title."),
+) -> None:
+    """C-ECHO a DICOM peer and report the round-trip time."""
+    from pacs_node.export import echo_peer
+    from pipeline.errors import IgtvError
+
+    try:
+        ms = echo_peer(target, calling_ae=ae_title)
+    except IgtvError as exc:
+        _fail(exc)
+    typer.echo(f"C-ECHO {target}: success in {ms:.1f} ms")
+
+
+@app.command()
+def train(
+    data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Output checkpoint (.safetensors; metadata JSON beside it)."),
+    roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="RTSTRUCT ROI name(s) or SEG segment label(s) of the target, case-insensitive."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint (transfer learning)."),
+    freeze: list[str] = typer.Option([], "--freeze", help="Encoder stages to freeze when fine-tuning (e.g. stem, stage1)."),
+    epochs: int = typer.Option(30, help="Training epochs."),
+    seed: int = typer.Option(0, help="Random seed."),
+    cache: Path = typer.Option(Path(".cache/samples"), help="Preprocessed-sample cache."),
+    val_fraction: float = typer.Option(0.2, help="Fraction of studies held out for validation."),
+    resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint of --out."),
+) -> None:
+    """Train or fine-tune the SIM-Mamba model on labelled studies."""
+    from pipeline.errors import IgtvError
+    from pipeline.training import TrainRequest, run_training
+
+    _setup_logging("INFO")
+    try:
+        run_training(
+            TrainRequest(
+                data=list(data), out=out, roi_names=list(roi), init=init, freeze=list(freeze),
+                epochs=epochs, seed=seed, cache=cache, val_fraction=val_fraction, resume=resume,
+            )
+        )
+    except IgtvError as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(
+    data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint; default the shipped model."),
+    roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
+    baselines: bool = typer.Option(True, help="Also run the SUV-40% baseline."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write per-case results as JSON here."),
+) -> None:
+    """Per-case Dice, HD95 and volume ratio on the original CT grid."""
+    from pipeline.errors import IgtvError
+    from pipeline.evaluation import run_evaluation
+
+    _setup_logging("WARNING")
+    try:
+        run_evaluation(list(data), checkpoint=checkpoint, roi_names=list(roi), baselines=baselines, out=out)
+    except IgtvError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""DICOM in -> arrays -> DICOM out: pure functions, no sockets or threads."""

@@ -1,0 +1,48 @@
+"""Settings of one study's processing, passed down explicitly (no globals, no env reads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.uids import DEFAULT_UID_ROOT
+
+
+@dataclass
+class ProcessSettings:
+    """What the worker needs to turn a study into results.
+
+    Attributes
+    ----------
+    checkpoint:
+        Path to a ``.safetensors`` checkpoint; None means the shipped default.
+    device:
+        torch device for inference ("cpu", "cuda", "auto").
+    threshold:
+        Probability threshold of the post-processing.
+    min_component_cc:
+        Connected components smaller than this (cc) are removed.
+    keep_components:
+        At most this many lesions are kept and reported, largest first.
+    uid_root:
+        Root of derived result UIDs.
+    roi_name, roi_interpreted_type, roi_color:
+        RTSTRUCT ROI naming; RTROIInterpretedType defaults to GTV since ITV is not a defined term.
+    register:
+        "auto" (register only when FrameOfReferenceUIDs differ), "always" or "never".
+    institution_name:
+        Copied into results when set.
+    """
+
+    checkpoint: Path | None = None
+    device: str = "cpu"
+    threshold: float = 0.5
+    min_component_cc: float = 0.1
+    keep_components: int = 5
+    uid_root: str = DEFAULT_UID_ROOT
+    roi_name: str = "IGTV"
+    roi_interpreted_type: str = "GTV"
+    roi_color: tuple[int, int, int] = (255, 0, 0)
+    register: str = "auto"
+    institution_name: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
