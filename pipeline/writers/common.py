@@ -213,11 +213,13 @@ def check_ct(ct: SeriesVolume) -> list[Dataset]:
     return headers
 
 
-def segment_masks(mask: np.ndarray, ct: SeriesVolume) -> list[np.ndarray]:
-    """Split a bool or label mask (Z, Y, X) on the CT grid into one bool mask per target.
+def label_volume(mask: np.ndarray, ct: SeriesVolume) -> tuple[np.ndarray, int]:
+    """Check a bool or label mask (Z, Y, X) on the CT grid; return (labels, target count).
 
-    A bool mask gives one target; an integer mask with labels 1..n gives n
-    targets (label k -> target k). Background is 0.
+    A bool mask is one target; an integer mask with labels 1..n is n targets
+    (label k -> target k), background 0. ``labels`` is an unsigned integer
+    array (a view of ``mask`` where possible). An empty mask counts as one
+    target without voxels, so results still name the ROI.
 
     Raises
     ------
@@ -235,15 +237,17 @@ def segment_masks(mask: np.ndarray, ct: SeriesVolume) -> list[np.ndarray]:
             "(slices, rows, columns)"
         )
     if mask.dtype == bool:
-        return [mask]
+        return mask.view(np.uint8), 1
     if not np.issubdtype(mask.dtype, np.integer):
         raise PipelineError(f"{ct.description}: mask must be bool or integer labels, got {mask.dtype}")
-    if mask.size and int(mask.min()) < 0:
+    low, high = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+    if low < 0:
         raise PipelineError(f"{ct.description}: mask holds negative labels")
-    count = int(mask.max()) if mask.size else 0
-    if count == 0:
-        return [np.zeros(mask.shape, dtype=bool)]
-    return [mask == label for label in range(1, count + 1)]
+    if high > 65535:
+        raise PipelineError(f"{ct.description}: mask holds {high} labels, more than a SEG can carry")
+    dtype = np.uint8 if high < 256 else np.uint16
+    labels = mask if mask.dtype == dtype else mask.astype(dtype)
+    return labels, max(high, 1)
 
 
 def target_labels(base: str, count: int, labels: list[str] | None) -> list[str]:

@@ -32,8 +32,8 @@ from pipeline.writers.common import (
     ResultInfo,
     copy_patient_study,
     da_tm,
+    label_volume,
     result_uids,
-    segment_masks,
     set_equipment,
     target_labels,
 )
@@ -75,8 +75,8 @@ def write_rtstruct(
         The RT Structure Set with file meta information, ready for
         ``save_as(path, enforce_file_format=True)``.
     """
-    targets = segment_masks(mask, ct)
-    names = target_labels(info.roi_name, len(targets), roi_names)
+    labels, count = label_volume(mask, ct)
+    names = target_labels(info.roi_name, count, roi_names)
     headers = ct.headers
     series_uid, instance_uid = result_uids(ct, info, "RTSTRUCT")
     date, time = da_tm(info.timestamp())
@@ -111,11 +111,11 @@ def write_rtstruct(
         [_structure_set_roi(number, name, ct, info) for number, name in enumerate(names, start=1)]
     )
     # ROI Contour
-    colours = _colours(info.roi_color, len(targets))
+    colours = _colours(info.roi_color, count)
     ds.ROIContourSequence = Sequence(
         [
-            _roi_contour(number, target, colour, headers, keyhole)
-            for number, (target, colour) in enumerate(zip(targets, colours), start=1)
+            _roi_contour(number, labels, colour, headers, keyhole)
+            for number, colour in enumerate(colours, start=1)
         ]
     )
     # RT ROI Observations
@@ -191,16 +191,20 @@ def _colours(base: tuple[int, int, int], count: int) -> list[list[int]]:
 
 
 def _roi_contour(
-    number: int, target: np.ndarray, colour: list[int], headers: list[Dataset], keyhole: bool
+    number: int, labels: np.ndarray, colour: list[int], headers: list[Dataset], keyhole: bool
 ) -> Dataset:
+    """ROI Contour item of label ``number``: the contours of every slice it occupies."""
     item = Dataset()
     item.ReferencedROINumber = number
     item.ROIDisplayColor = colour
     contours = []
-    for k in np.flatnonzero(target.any(axis=(1, 2))):
+    for k in np.flatnonzero(labels.any(axis=(1, 2))):
+        region = labels[int(k)] == number
+        if not region.any():
+            continue
         header = headers[int(k)]
         to_patient = _pixel_to_patient(header)
-        for loop in trace_slice(target[int(k)], keyhole=keyhole):
+        for loop in trace_slice(region, keyhole=keyhole):
             contour = Dataset()
             contour.ContourNumber = len(contours) + 1
             contour.ContourImageSequence = Sequence([_image_reference(header)])

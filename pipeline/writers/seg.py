@@ -28,8 +28,8 @@ from pipeline.writers.common import (
     ResultInfo,
     copy_patient_study,
     da_tm,
+    label_volume,
     result_uids,
-    segment_masks,
     target_labels,
 )
 
@@ -95,11 +95,8 @@ def write_seg(
         without any segmented pixel are omitted; a mask without any target
         still yields a valid object with its segments and one empty frame.
     """
-    targets = segment_masks(mask, ct)
-    labels = target_labels(info.roi_name, len(targets), segment_labels)
-    label_map = np.zeros(targets[0].shape, dtype=np.uint8 if len(targets) < 256 else np.uint16)
-    for number, target in enumerate(targets, start=1):
-        label_map[target] = number
+    label_map, count = label_volume(mask, ct)
+    labels = target_labels(info.roi_name, count, segment_labels)
     series_uid, instance_uid = result_uids(ct, info, "SEG")
     moment = info.timestamp()
     date, time = da_tm(moment)
