@@ -66,7 +66,7 @@ def render_preview(
             f"{pet_suv.shape}, {labels.shape}"
         )
     labels = labels.astype(np.int32)
-    spacing = tuple(float(s) for s in spacing_zyx)
+    spacing = (float(spacing_zyx[0]), float(spacing_zyx[1]), float(spacing_zyx[2]))
     z_positions = (
         np.asarray(slice_positions_mm, dtype=float)
         if slice_positions_mm is not None
@@ -183,16 +183,22 @@ def _fuse(ct: np.ndarray, pet: np.ndarray, suv_top: float) -> np.ndarray:
     grey = np.clip((ct.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
     suv = pet.astype(np.float32)
     p = np.clip(suv / suv_top, 0.0, 1.0)
-    hot = np.stack([np.clip(3 * p, 0, 1), np.clip(3 * p - 1, 0, 1), np.clip(3 * p - 2, 0, 1)], axis=-1)
+    hot = np.stack(
+        [np.clip(3 * p, 0, 1), np.clip(3 * p - 1, 0, 1), np.clip(3 * p - 2, 0, 1)], axis=-1
+    )
     alpha = (0.7 * np.clip((suv - SUV_FLOOR) / (0.3 * suv_top), 0.0, 1.0))[..., None]
     return (1.0 - alpha) * grey[..., None] + alpha * hot
 
 
 def _panel(rgb: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """Resize a fused image to ``size`` (width, height) and draw each label's outline."""
-    image = Image.fromarray((rgb * 255).astype(np.uint8), "RGB").resize(size, Image.Resampling.BILINEAR)
+    image = Image.fromarray((rgb * 255).astype(np.uint8), "RGB").resize(
+        size, Image.Resampling.BILINEAR
+    )
     pixels = np.asarray(image).copy()
-    big = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
+    big = np.asarray(
+        Image.fromarray(labels.astype(np.int32)).resize(size, Image.Resampling.NEAREST)
+    )
     for label in np.unique(big[big > 0]):
         region = big == label
         edge = region & ~_erode(region)

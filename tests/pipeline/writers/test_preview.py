@@ -27,7 +27,9 @@ def test_outlines_of_two_lesions_are_drawn(tmp_path):
     mask[8:12, 20:30, 20:30] = 1
     mask[9:11, 45:50, 45:50] = 2
     pet[mask == 1] = 8.0
-    path = render_preview(ct, pet, mask, (3.0, 1.0, 1.0), tmp_path / "p" / "preview.png", title="test")
+    path = render_preview(
+        ct, pet, mask, (3.0, 1.0, 1.0), tmp_path / "p" / "preview.png", title="test"
+    )
     image = Image.open(path)
     assert image.format == "PNG" and image.mode == "RGB"
     assert len(colour_pixels(image, ROI_COLOURS[0])) > 0
@@ -37,13 +39,15 @@ def test_outlines_of_two_lesions_are_drawn(tmp_path):
 @pytest.mark.parametrize("slice_mm", [1.0, 4.0])
 def test_coronal_view_keeps_the_millimetre_aspect(tmp_path, slice_mm):
     # A 24 mm cube: square in every view only if the slice spacing is honoured.
-    slices = int(round(80 / slice_mm))
+    slices = round(80 / slice_mm)
     shape = (slices, 80, 80)
     ct, pet = phantom(shape)
     mask = np.zeros(shape, dtype=bool)
     z0 = slices // 2 - int(12 / slice_mm)
     mask[z0 : z0 + int(24 / slice_mm), 28:52, 28:52] = True
-    path = render_preview(ct, pet, mask, (slice_mm, 1.0, 1.0), tmp_path / "preview.png", max_axial=1)
+    path = render_preview(
+        ct, pet, mask, (slice_mm, 1.0, 1.0), tmp_path / "preview.png", max_axial=1
+    )
     image = Image.open(path)
     red = colour_pixels(image, ROI_COLOURS[0])
     lower = red[red[:, 0] > 30 + TILE_PX + 40]  # below the single row of axial tiles
@@ -59,7 +63,9 @@ def test_empty_mask_says_no_target(tmp_path):
     shape = (10, 48, 48)
     ct, pet = phantom(shape)
     pet[4, 10, 30] = 9.0
-    path = render_preview(ct, pet, np.zeros(shape, dtype=bool), (3.0, 1.0, 1.0), tmp_path / "empty.png")
+    path = render_preview(
+        ct, pet, np.zeros(shape, dtype=bool), (3.0, 1.0, 1.0), tmp_path / "empty.png"
+    )
     image = Image.open(path)
     assert len(colour_pixels(image, ROI_COLOURS[0])) == 0
     # The alert line is drawn in red text (anti-aliased: look for clearly reddish pixels).
@@ -69,5 +75,10 @@ def test_empty_mask_says_no_target(tmp_path):
 
 def test_mismatched_grids_are_refused(tmp_path):
     with pytest.raises(GeometryError):
-        render_preview(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)), np.zeros((2, 3, 4), bool),
-                       (1.0, 1.0, 1.0), tmp_path / "x.png")
+        render_preview(
+            np.zeros((2, 3, 4)),
+            np.zeros((2, 3, 5)),
+            np.zeros((2, 3, 4), bool),
+            (1.0, 1.0, 1.0),
+            tmp_path / "x.png",
+        )

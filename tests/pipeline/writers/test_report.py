@@ -15,17 +15,36 @@ from tests.pipeline.writers.ct_factory import ellipsoid_mask
 
 def components():
     return [
-        {"volume_cc": np.float32(30.0), "suv_max": np.float64(11.5), "suv_mean": 6.0,
-         "si_extent_mm": 42.0, "ap_extent_mm": 35.5, "lr_extent_mm": 31.0,
-         "centroid_mm": np.array([-80.5, 20.0, -310.25]), "label": np.int64(1), "touches_border": False},
-        {"volume_cc": 10.0, "suv_max": 4.0, "suv_mean": 2.0, "si_extent_mm": 20.0,
-         "ap_extent_mm": 18.0, "lr_extent_mm": 17.0, "centroid_mm": (30.0, 40.0, -300.0)},
+        {
+            "volume_cc": np.float32(30.0),
+            "suv_max": np.float64(11.5),
+            "suv_mean": 6.0,
+            "si_extent_mm": 42.0,
+            "ap_extent_mm": 35.5,
+            "lr_extent_mm": 31.0,
+            "centroid_mm": np.array([-80.5, 20.0, -310.25]),
+            "label": np.int64(1),
+            "touches_border": False,
+        },
+        {
+            "volume_cc": 10.0,
+            "suv_max": 4.0,
+            "suv_mean": 2.0,
+            "si_extent_mm": 20.0,
+            "ap_extent_mm": 18.0,
+            "lr_extent_mm": 17.0,
+            "centroid_mm": (30.0, 40.0, -300.0),
+        },
     ]
 
 
 def test_report_fields_totals_and_round_trip(tmp_path):
-    report = build_report(components(), {"load": 1.5, "predict": 2.25}, {"version": "ckpt-2024.1"},
-                          {"source": {"study_instance_uid": "1.2.3"}})
+    report = build_report(
+        components(),
+        {"load": 1.5, "predict": 2.25},
+        {"version": "ckpt-2024.1"},
+        {"source": {"study_instance_uid": "1.2.3"}},
+    )
     path = write_report(report, tmp_path / "out" / "report.json")
     loaded = json.loads(path.read_text())
     assert loaded == report
@@ -33,7 +52,11 @@ def test_report_fields_totals_and_round_trip(tmp_path):
     first = loaded["lesions"][0]
     assert first["volume_cc"] == 30.0 and first["suv_max"] == 11.5
     assert first["centroid_mm"] == [-80.5, 20.0, -310.25]
-    assert (first["si_extent_mm"], first["ap_extent_mm"], first["lr_extent_mm"]) == (42.0, 35.5, 31.0)
+    assert (first["si_extent_mm"], first["ap_extent_mm"], first["lr_extent_mm"]) == (
+        42.0,
+        35.5,
+        31.0,
+    )
     assert first["label"] == 1 and first["touches_border"] is False  # extra keys kept
     assert loaded["total"]["volume_cc"] == 40.0
     assert loaded["total"]["suv_max"] == 11.5
@@ -59,7 +82,9 @@ def test_extra_may_not_overwrite_report_keys():
 
 
 def test_uid_entries_name_sources_and_results(small_ct, info):
-    mask = ellipsoid_mask(small_ct.volume.array.shape, small_ct.spacing_zyx, (18.0, 45.0, 40.0), (9.0, 14.0, 12.0))
+    mask = ellipsoid_mask(
+        small_ct.volume.array.shape, small_ct.spacing_zyx, (18.0, 45.0, 40.0), (9.0, 14.0, 12.0)
+    )
     seg = write_seg(mask, small_ct.volume, info)
     rtstruct = write_rtstruct(mask, small_ct.volume, info)
     entries = uid_entries(small_ct.volume, None, {"seg": seg, "rtstruct": rtstruct})

@@ -12,14 +12,16 @@ from pydicom.sr.codedict import codes
 
 from pipeline.errors import GeometryError
 from pipeline.writers.seg import write_seg
-from tests.pipeline.writers.conftest import dciodvfy_errors
 from tests.pipeline.writers.ct_factory import ellipsoid_mask
+from tests.pipeline.writers.tools import dciodvfy_errors
 
 
 def lesions(ct) -> np.ndarray:
     """Label mask with two lesions, the first with a hole, on ``ct``'s grid."""
     shape = ct.volume.array.shape
-    mask = ellipsoid_mask(shape, ct.spacing_zyx, (18.0, 45.0, 40.0), (9.0, 14.0, 12.0)).astype(np.uint8)
+    mask = ellipsoid_mask(shape, ct.spacing_zyx, (18.0, 45.0, 40.0), (9.0, 14.0, 12.0)).astype(
+        np.uint8
+    )
     mask[5:7, 44:48, 38:42] = 0
     mask[ellipsoid_mask(shape, ct.spacing_zyx, (24.0, 70.0, 75.0), (4.0, 5.0, 5.0))] = 2
     return mask
@@ -71,8 +73,16 @@ def test_references_every_ct_image_and_copies_patient_and_study(small_ct, info):
     }
     assert referenced == set(ct.sop_instance_uids)
     source = ct.headers[0]
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                    "StudyDate", "AccessionNumber", "StudyID"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "AccessionNumber",
+        "StudyID",
+    ):
         assert seg[keyword].value == source[keyword].value, keyword
     assert seg.FrameOfReferenceUID == ct.frame_of_reference_uid
     assert seg.SeriesInstanceUID != ct.series_instance_uid
@@ -104,7 +114,10 @@ def test_uids_are_deterministic_and_depend_on_model_version(small_ct, info):
     mask = lesions(small_ct)
     first = write_seg(mask, small_ct.volume, info)
     again = write_seg(mask, small_ct.volume, info)
-    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
     assert first.StudyInstanceUID == small_ct.volume.study_instance_uid
     other = write_seg(mask, small_ct.volume, dataclasses.replace(info, model_version="ckpt-2024.2"))
     assert other.SeriesInstanceUID != first.SeriesInstanceUID
