@@ -192,7 +192,12 @@ def fake_process(paths: list[Path], out_dir: Path, settings) -> FakeResult:
     from pipeline.errors import MissingCtError, MissingPetError
 
     datasets = [dcmread(p) for p in paths]
-    ct = sorted((d for d in datasets if d.Modality == "CT"), key=lambda d: float(d.ImagePositionPatient[2]))
+    by_series: dict[str, list[Dataset]] = {}
+    for d in datasets:
+        if d.Modality == "CT":
+            by_series.setdefault(d.SeriesInstanceUID, []).append(d)
+    largest = max(by_series.values(), key=len) if by_series else []
+    ct = sorted(largest, key=lambda d: float(d.ImagePositionPatient[2]))
     pet = [d for d in datasets if d.Modality == "PT"]
     if not pet:
         raise MissingPetError("study holds no PET series; send the attenuation-corrected PET")
@@ -276,3 +281,40 @@ def failing_process(paths: list[Path], out_dir: Path, settings):
     from pipeline.errors import GeometryError
 
     raise GeometryError("CT series 'CT thorax': slice spacing varies (3.0 to 9.0 mm); resend a regular series")
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on loopback ``port``."""
+    def _open() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+    wait_for(_open, timeout, what=f"port {port} to open")
+
+
+class StoreScp:
+    """A dcmtk storescp destination writing into ``out``."""
+
+    def __init__(self, out: Path, aet: str = "DEST") -> None:
+        self.out = out
+        self.aet = aet
+        self.port = free_port()
+        out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", aet, "-od", str(out), "-uf", "-ta", "20", "-td", "20", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        wait_port(self.port)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
