@@ -318,3 +318,35 @@ class StoreScp:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+
+@dataclass
+class Pki:
+    """A throwaway CA with a server (127.0.0.1/localhost) and a client certificate."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_pki(folder: Path) -> Pki:
+    """Generate the CA and certificates with the openssl CLI (EC P-256, 1 day)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30, cwd=folder)
+
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=igtv test CA", "-keyout", "ca.key", "-out", "ca.pem",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
+               folder / "client.key")
