@@ -125,7 +125,7 @@ def _merge_holes(cycles: list[np.ndarray], fg: np.ndarray, width: int) -> list[n
     owner = list(range(len(cycles)))
     edge_owner: dict[tuple[int, int], int] = {}
     for index, cycle in enumerate(cycles):
-        for a, b in zip(cycle.tolist(), np.roll(cycle, -1).tolist()):
+        for a, b in zip(cycle.tolist(), np.roll(cycle, -1).tolist(), strict=True):
             edge_owner[(a, b)] = index
 
     def root(index: int) -> int:
@@ -229,7 +229,7 @@ def fill_even_odd(loops: list[Loop], shape: tuple[int, int]) -> np.ndarray:
     for loop in loops:
         p = loop.points
         q = np.roll(p, -1, axis=0)
-        for (ra, ca), (rb, cb) in zip(p, q):
+        for (ra, ca), (rb, cb) in zip(p, q, strict=True):
             if ra == rb:
                 continue
             lo, hi = min(ra, rb), max(ra, rb)

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import GeometryError
+from pipeline.volume import SeriesVolume
 
 CT_WINDOW = (-1000.0, 400.0)  # HU shown black .. white (lung and soft tissue together)
 SUV_FLOOR = 1.5  # PET overlay starts above blood-pool-like uptake
@@ -37,6 +38,8 @@ def render_preview(
     slice_positions_mm: Sequence[float] | None = None,
     superior_last: bool = True,
     max_axial: int = 6,
+    flip_columns: bool = False,
+    flip_rows: bool = False,
 ) -> Path:
     """Render the preview montage to ``path`` (PNG) and return ``path``.
 
@@ -58,6 +61,10 @@ def render_preview(
         coronal and sagittal views).
     max_axial:
         At most this many axial slices, evenly spread over the target.
+    flip_columns, flip_rows:
+        Mirror the display so that it follows the radiological convention
+        (patient left on the image right, anterior at the top).
+        :func:`display_geometry` derives these and the two above from the CT.
     """
     ct_hu, pet_suv, labels = (np.asarray(a) for a in (ct_hu, pet_suv, mask))
     if not (ct_hu.shape == pet_suv.shape == labels.shape) or ct_hu.ndim != 3:
@@ -66,6 +73,12 @@ def render_preview(
             f"{pet_suv.shape}, {labels.shape}"
         )
     labels = labels.astype(np.int32)
+    flips = (
+        slice(None),
+        slice(None, None, -1) if flip_rows else slice(None),
+        slice(None, None, -1) if flip_columns else slice(None),
+    )
+    ct_hu, pet_suv, labels = ct_hu[flips], pet_suv[flips], labels[flips]
     spacing = (float(spacing_zyx[0]), float(spacing_zyx[1]), float(spacing_zyx[2]))
     z_positions = (
         np.asarray(slice_positions_mm, dtype=float)
@@ -104,6 +117,9 @@ def render_preview(
     side = (TILE_PX * COLUMNS + PAD * (COLUMNS - 1) - PAD) // 2
     flip = slice(None, None, -1) if superior_last else slice(None)
     yc, xc = int(centroid[1]), int(centroid[2])
+    # Captions name rows and columns of the stored CT, not of the mirrored display.
+    row_label = ct_hu.shape[1] - 1 - yc if flip_rows else yc
+    column_label = ct_hu.shape[2] - 1 - xc if flip_columns else xc
     coronal = _panel(
         _fuse(ct_hu[flip, yc, :], pet_suv[flip, yc, :], suv_top),
         labels[flip, yc, :],
@@ -130,8 +146,8 @@ def render_preview(
         header,
         tiles,
         [
-            (coronal, [f"coronal through {through} (row {yc})"]),
-            (sagittal, [f"sagittal through {through} (column {xc})"]),
+            (coronal, [f"coronal through {through} (row {row_label})"]),
+            (sagittal, [f"sagittal through {through} (column {column_label})"]),
         ],
         side,
         alert=not found,
@@ -140,6 +156,23 @@ def render_preview(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return path
+
+
+def display_geometry(ct: SeriesVolume) -> dict:
+    """Keyword arguments of :func:`render_preview` that follow the CT's geometry.
+
+    Returns ``slice_positions_mm`` (patient z of each slice), ``superior_last``
+    and the flips that give the radiological display convention.
+    """
+    headers = ct.headers
+    positions = [float(h.ImagePositionPatient[2]) for h in headers]
+    iop = [float(v) for v in headers[0].ImageOrientationPatient]
+    return {
+        "slice_positions_mm": positions,
+        "superior_last": len(positions) < 2 or positions[-1] >= positions[0],
+        "flip_columns": iop[0] < 0,
+        "flip_rows": iop[4] < 0,
+    }
 
 
 def _display_max(pet: np.ndarray, target: np.ndarray) -> float:
@@ -159,7 +192,7 @@ def _crop_box(target: np.ndarray, spacing: tuple[float, float, float]) -> tuple[
     extent_mm = max((rows[-1] - rows[0] + 1) * spacing[1], (cols[-1] - cols[0] + 1) * spacing[2])
     half_mm = max(40.0, 0.5 * extent_mm + 25.0)
     box = []
-    for axis, (mid, step) in enumerate(zip(centre, spacing[1:])):
+    for axis, (mid, step) in enumerate(zip(centre, spacing[1:], strict=True)):
         limit = target.shape[axis + 1]
         half = half_mm / step
         lo, hi = int(np.floor(mid - half)), int(np.ceil(mid + half))

@@ -126,7 +126,9 @@ def _totals(lesions: list[dict]) -> dict[str, Any]:
     maxima = [_number(lesion.get("suv_max")) for lesion in lesions]
     means = [_number(lesion.get("suv_mean")) for lesion in lesions]
     known_volumes = [v for v in volumes if v is not None]
-    weighted = [(v, m) for v, m in zip(volumes, means) if v is not None and m is not None]
+    weighted = [
+        (v, m) for v, m in zip(volumes, means, strict=True) if v is not None and m is not None
+    ]
     weight = sum(v for v, _ in weighted)
     return {
         "volume_cc": sum(known_volumes) if known_volumes else (0.0 if not lesions else None),

@@ -22,7 +22,7 @@ def save(ds, tmp_path, name="rtstruct.dcm"):
 
 def sphere(ct, diameter_mm: float, centre_zyx_mm=None) -> np.ndarray:
     shape = ct.volume.array.shape
-    extent = [n * s for n, s in zip(shape, ct.spacing_zyx)]
+    extent = [n * s for n, s in zip(shape, ct.spacing_zyx, strict=True)]
     centre = centre_zyx_mm or tuple(e / 2 for e in extent)
     radius = diameter_mm / 2
     return ellipsoid_mask(shape, ct.spacing_zyx, centre, (radius, radius, radius))
