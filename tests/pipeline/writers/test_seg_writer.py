@@ -143,3 +143,20 @@ def test_passes_dciodvfy(small_ct, info, tmp_path):
     errors, output = dciodvfy_errors(path)
     assert errors == [], output
     assert dcmread(path).file_meta.MediaStorageSOPClassUID == hd.UID("1.2.840.10008.5.1.4.1.1.66.4")
+
+
+def test_non_ascii_names_and_series_numbers_survive_both_writers(ct_factory, info, tmp_path):
+    from pipeline.writers.rtstruct import write_rtstruct
+
+    ct = ct_factory(patient_name="Müller^Jürgen")
+    numbered = dataclasses.replace(info, series_number=42)
+    mask = lesions(ct)
+    for name, ds, number in (
+        ("seg.dcm", write_seg(mask, ct.volume, numbered), 42),
+        ("rtstruct.dcm", write_rtstruct(mask, ct.volume, numbered), 43),
+    ):
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        back = dcmread(path)
+        assert str(back.PatientName) == "Müller^Jürgen"
+        assert back.SeriesNumber == number
