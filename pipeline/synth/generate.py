@@ -198,10 +198,14 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
     trace = BreathingTrace(float(r_les.uniform(3.0, 5.5)), int(r_les.integers(1, 4)), float(r_les.uniform(0, 0.08)),
                            float(r_les.uniform(0, 1)))
     z_lo, z_hi = _ct_z_range(r_geo, options, model)
-    tumours = place_tumours(r_les, model, options.n_lesions, options.diameter_mm, options.amplitude_mm, static,
+    diameter = options.diameter_mm
+    if diameter is None and options.small:  # coarse test grids: keep the tumour several voxels wide
+        diameter = float(r_les.uniform(18, 45))
+    tumours = place_tumours(r_les, model, options.n_lesions, diameter, options.amplitude_mm, static,
                             options.necrosis, (z_lo, z_hi))
     max_si = max(abs(float(t.amplitude_lps[2])) for t in tumours)
-    dia_amp = 0.0 if static else max(1.15 * max_si, float(r_les.uniform(8, 22)))
+    dia_drawn = float(r_les.uniform(8, 22))
+    dia_amp = 0.0 if static else max(1.15 * max_si, dia_drawn)
 
     # geometry
     offset = np.asarray(options.pet_offset_mm, float)
