@@ -60,14 +60,14 @@ def synth(
     cases: int = typer.Option(1, help="Number of studies to generate."),
     motion: str = typer.Option("breathing", help="'breathing' (IGTV studies) or 'static' (GTV studies for pre-training)."),
     small: bool = typer.Option(False, help="Reduced-size studies (fast, for tests)."),
-    amplitude: Optional[float] = typer.Option(None, help="Tumour SI breathing amplitude in mm (default: drawn per lobe)."),
-    diameter: Optional[float] = typer.Option(None, help="Tumour diameter in mm (default: drawn, 5-60)."),
+    amplitude: float | None = typer.Option(None, help="Tumour SI breathing amplitude in mm (default: drawn per lobe)."),
+    diameter: float | None = typer.Option(None, help="Tumour diameter in mm (default: drawn, 5-60)."),
     lesions: int = typer.Option(1, help="Number of lung tumours."),
     lymph_nodes: bool = typer.Option(True, help="Add mediastinal/hilar lymph nodes (some FDG-avid)."),
     feet_first: bool = typer.Option(False, help="Patient position FFS instead of HFS."),
-    compress: Optional[str] = typer.Option(None, help="Pixel data compression: rle or jpeg2000."),
-    pet_offset: Optional[str] = typer.Option(None, help="PET geometry offset 'X,Y,Z' in mm (own frame of reference)."),
-    pet_slice: Optional[float] = typer.Option(None, help="PET slice spacing in mm."),
+    compress: str | None = typer.Option(None, help="Pixel data compression: rle or jpeg2000."),
+    pet_offset: str | None = typer.Option(None, help="PET geometry offset 'X,Y,Z' in mm (own frame of reference)."),
+    pet_slice: float | None = typer.Option(None, help="PET slice spacing in mm."),
 ) -> None:
     """Generate synthetic thorax PET/CT studies as DICOM files with GTV/IGTV truth."""
     from pipeline.synth.generate import SynthOptions, generate_studies

@@ -113,7 +113,7 @@ def test_same_seed_gives_identical_pixels_and_uids():
     a = generate_study(3, SynthOptions(small=True))
     b = generate_study(3, SynthOptions(small=True))
     assert a.ct_hu.tobytes() == b.ct_hu.tobytes()
-    assert all(x.PixelData == y.PixelData for x, y in zip(a.pet_datasets, b.pet_datasets))
+    assert all(x.PixelData == y.PixelData for x, y in zip(a.pet_datasets, b.pet_datasets, strict=False))
     assert [d.SOPInstanceUID for d in a.ct_datasets] == [d.SOPInstanceUID for d in b.ct_datasets]
     assert a.seg_igtv.SOPInstanceUID == b.seg_igtv.SOPInstanceUID
     c = generate_study(4, SynthOptions(small=True))
@@ -163,6 +163,10 @@ def test_variants_geometry_and_compression(synthetic_study_factory, synthetic_st
     assert ct[0].PatientPosition == "FFS"
     assert [float(v) for v in ct[0].ImageOrientationPatient] == [-1, 0, 0, 0, 1, 0]
     assert ct[0].file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    # compression keeps the instance UIDs that the truth SEG references
+    seg = pydicom.dcmread(folder / "truth" / "seg_igtv.dcm")
+    referenced = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    assert referenced == {d.SOPInstanceUID for d in ct}
     hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in ct])
     np.testing.assert_array_equal(hu, study.ct_hu)
     assert pet[0].FrameOfReferenceUID != ct[0].FrameOfReferenceUID
