@@ -77,7 +77,7 @@ class Destination:
     tls: bool = False
 
     @classmethod
-    def parse(cls, spec: str) -> "Destination":
+    def parse(cls, spec: str) -> Destination:
         """Parse ``NAME=AET@HOST:PORT`` or ``NAME=http(s)://...``."""
         if "=" not in spec:
             raise ConfigError(f"destination {spec!r}: expected NAME=AET@HOST:PORT or NAME=URL")
