@@ -49,6 +49,7 @@ STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -185,7 +186,7 @@ class Dashboard:
     def register(self, router: Router) -> None:
         """Add the dashboard's routes to ``router``."""
         router.add("GET", r"/", self.page, auth=False)
-        router.add("GET", r"/static/(?P<name>[a-z]+\.(?:js|css|html))", self.static, auth=False)
+        router.add("GET", r"/static/(?P<name>[a-z]+\.(?:js|css|html|svg))", self.static, auth=False)
         if self.metrics is not None:
             router.add("GET", r"/metrics", self.metrics_text, auth=False)
         router.add("GET", r"/api/summary", self.summary)
