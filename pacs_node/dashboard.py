@@ -238,7 +238,12 @@ class Dashboard:
 
     def job_counts(self) -> dict[str, int]:
         """Number of jobs per state (every known state present)."""
-        rows = self.index.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return self.job_counts_of(self.index)
+
+    @staticmethod
+    def job_counts_of(index: Any) -> dict[str, int]:
+        """Number of jobs per state in ``index`` (also read by the ``igtv_jobs`` metric)."""
+        rows = index.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         counts = {state: 0 for state in JOB_STATES}
         counts.update({r["state"]: int(r["n"]) for r in rows})
         return counts
