@@ -183,6 +183,11 @@ class SeriesTally:
             entry[0] += 1
             entry[1] += int(nbytes)
 
+    def clear(self) -> None:
+        """Forget the counts without writing them."""
+        with self._lock:
+            self._series = {}
+
     def flush(self, audit: AuditLog, source: str) -> int:
         """Write one ``instances_stored`` event per series and reset; returns the series count."""
         with self._lock:

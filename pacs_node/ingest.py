@@ -135,7 +135,8 @@ class Ingest:
                     transfer_syntax=tsyntax, modality=header["Modality"],
                     series_description=header["SeriesDescription"], path=str(stored.path), size=stored.size,
                     source=source, patient_hash=patient_hash(header["PatientID"]), study_date=header["StudyDate"],
-                )
+                ),
+                changed=stored.changed,
             )
         except sqlite3.Error as exc:
             log.error("cannot index instance %s: %s", sop, exc)

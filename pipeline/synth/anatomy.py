@@ -9,8 +9,8 @@ each restricted to its bounding box so the cost follows the structure's size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -141,7 +141,7 @@ class _Canvas:
     def box(self, lo, hi):
         """Index slices and broadcast coordinates of the box [lo, hi] (relative mm)."""
         sl = []
-        for axis, a, b in zip((self.z, self.y, self.x), (lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0])):
+        for axis, a, b in zip((self.z, self.y, self.x), (lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0]), strict=False):
             idx = np.nonzero((axis >= a) & (axis <= b))[0]
             if idx.size == 0:
                 return None
@@ -328,7 +328,7 @@ class ThoraxModel:
                    ([(-28.0, 18.0, -400), (-26.0, 10.0, hc[2] - 30)], 12.0)]
         for label, extra, only in ((FAT, 4.0, (LUNG, MUSCLE)), (BLOOD, 0.0, None)):
             for pts, r in vessels:
-                for a, b in zip(pts[:-1], pts[1:]):
+                for a, b in zip(pts[:-1], pts[1:], strict=False):
                     lo, hi, fn = _capsule(a, b, r + extra)
                     cv.paint(label, lo, hi, fn, only=only)
         yt = ys - rv - 20.0

@@ -41,7 +41,7 @@ def _vessel_field(rng: np.random.Generator, model: ThoraxModel, x, y, z) -> np.n
     step = 3.0
     lo = np.array([x.min(), y.min(), z.min()]) - step
     hi = np.array([x.max(), y.max(), z.max()]) + step
-    ax = [np.arange(a, b + step, step) for a, b in zip(lo, hi)]
+    ax = [np.arange(a, b + step, step) for a, b in zip(lo, hi, strict=False)]
     shape = (ax[2].size, ax[1].size, ax[0].size)
     g1 = smooth_noise(rng, shape, 2.2)
     g2 = smooth_noise(rng, shape, 2.2)
@@ -98,7 +98,7 @@ def render_ct(model: ThoraxModel, grid: Grid, diaphragm_shift: float, tumours: l
                     Y = (y[by] + dy * sy * grid.direction[1]).astype(np.float32)[None, :, None]
                     Z = (z[bz] + dz * sz * grid.direction[2]).astype(np.float32)[:, None, None]
                     inside = np.zeros(frac.shape, bool)
-                    for t, off in zip(tumours, tumour_offsets):
+                    for t, off in zip(tumours, tumour_offsets, strict=False):
                         inside |= t.inside(X, Y, Z, off)
                     frac += inside
         frac /= 8.0

@@ -198,10 +198,14 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
     trace = BreathingTrace(float(r_les.uniform(3.0, 5.5)), int(r_les.integers(1, 4)), float(r_les.uniform(0, 0.08)),
                            float(r_les.uniform(0, 1)))
     z_lo, z_hi = _ct_z_range(r_geo, options, model)
-    tumours = place_tumours(r_les, model, options.n_lesions, options.diameter_mm, options.amplitude_mm, static,
+    diameter = options.diameter_mm
+    if diameter is None and options.small:  # coarse test grids: keep the tumour several voxels wide
+        diameter = float(r_les.uniform(18, 45))
+    tumours = place_tumours(r_les, model, options.n_lesions, diameter, options.amplitude_mm, static,
                             options.necrosis, (z_lo, z_hi))
     max_si = max(abs(float(t.amplitude_lps[2])) for t in tumours)
-    dia_amp = 0.0 if static else max(1.15 * max_si, float(r_les.uniform(8, 22)))
+    dia_drawn = float(r_les.uniform(8, 22))
+    dia_amp = 0.0 if static else max(1.15 * max_si, dia_drawn)
 
     # geometry
     offset = np.asarray(options.pet_offset_mm, float)
@@ -279,7 +283,7 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
         "uptake_suv": uptake,
         "breathing": {**trace.as_dict(), "diaphragm_amplitude_mm": dia_amp,
                       "ct_inhale_fraction": float(trace.inhale_fraction(t_ct))},
-        "tumours": [t.as_dict() | {"ct_displacement_mm": [float(v) for v in o]} for t, o in zip(tumours, offsets)],
+        "tumours": [t.as_dict() | {"ct_displacement_mm": [float(v) for v in o]} for t, o in zip(tumours, offsets, strict=False)],
         "tumour_si_amplitude_mm": max_si,
         "gtv_volume_ml": float(gtv.sum() * vox),
         "igtv_volume_ml": float(igtv.sum() * vox),
@@ -299,7 +303,8 @@ def _compress(datasets: list[Dataset], kind: str) -> None:
 
     syntax = RLELossless if kind == "rle" else JPEG2000Lossless
     for ds in datasets:
-        ds.compress(syntax)
+        # keep the instance UIDs: the truth SEGs reference them, and seeds must reproduce them
+        ds.compress(syntax, generate_instance_uid=False)
 
 
 def write_study(study: SyntheticStudy, folder: Path) -> Path:
@@ -331,7 +336,13 @@ def generate_studies(out: Path, seed: int = 0, cases: int = 1, options: SynthOpt
         folders.append(write_study(generate_study(s, options), out / f"case-{i:04d}-seed-{s}"))
 
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task("studies", total=cases)

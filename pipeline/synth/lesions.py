@@ -82,11 +82,14 @@ def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter
             abutting = "chest wall" if np.hypot(x[nx_] - c[0], y[ny_] - c[1]) > 0.55 * p.cage_width else "mediastinum"
             abutting = abutting if near != 0 else "lung boundary"
         si_lo, si_hi = SI_RANGE[LOBES[lobe]]
-        si = 0.0 if static else (amplitude_mm if amplitude_mm is not None else float(rng.uniform(si_lo, si_hi)))
-        if abutting == "chest wall" and amplitude_mm is None:
-            si *= 0.6
-        amp = np.array([si * rng.uniform(-0.15, 0.15), -si * rng.uniform(0.1, 0.35), -si])
-        has_necrosis = necrosis if necrosis is not None else (d > 30 and rng.random() < 0.4)
+        # draw every random number whatever the options, so that static and breathing variants
+        # (or amplitude overrides) of one seed share the patient and the tumour
+        si_drawn = float(rng.uniform(si_lo, si_hi)) * (0.6 if abutting == "chest wall" else 1.0)
+        lr, ap = rng.uniform(-0.15, 0.15), rng.uniform(0.1, 0.35)
+        si = 0.0 if static else (amplitude_mm if amplitude_mm is not None else si_drawn)
+        amp = np.array([si * lr, -si * ap, -si])
+        necrosis_draw = rng.random() < 0.4
+        has_necrosis = necrosis if necrosis is not None else (d > 30 and necrosis_draw)
         peak = float(rng.uniform(3.0, 15.0) if d > 12 else rng.uniform(2.5, 8.0))
         tumours.append(TumourShape(
             centre=centre, lobe=LOBES[lobe], diameter_mm=float(d), blobs=blobs, level=level, scale=scale,

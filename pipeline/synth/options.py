@@ -63,7 +63,7 @@ class SynthOptions:
     ct_slice_mm: float | None = None
     pet_phases: int = 10
 
-    def validate(self) -> "SynthOptions":
+    def validate(self) -> SynthOptions:
         """Raise :class:`SynthOptionsError` for impossible settings; return self."""
         if self.motion not in ("breathing", "static"):
             raise SynthOptionsError(f"motion must be 'breathing' or 'static', not {self.motion!r}")

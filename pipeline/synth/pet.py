@@ -83,8 +83,7 @@ def render_pet(model: A.ThoraxModel, grid: Grid, uptake: dict[str, float], tumou
             bz, by, bx = box
             sx, sy, sz = grid.spacing
             fine = []
-            for axis, sl, step, sign in ((tx, bx, sx, grid.direction[0]), (ty, by, sy, grid.direction[1]),
-                                         (tz, bz, sz, grid.direction[2])):
+            for axis, sl, step in ((tx, bx, sx), (ty, by, sy), (tz, bz, sz)):
                 sub = np.sort(axis[sl])
                 d = (np.arange(sup) - (sup - 1) / 2) * step / sup
                 fine.append((sub[:, None] + d[None, :]).ravel().astype(np.float32))

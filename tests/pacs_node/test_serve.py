@@ -109,3 +109,28 @@ def test_restart_resumes_a_running_job(tmp_path, node_factory):
     job = _done_job(node2, study.study_uid)
     assert job.id == claimed.id and job.state == "done", job.reason
     assert job.attempts == 2 and len(job.result_uids) == 2
+
+
+def test_synthetic_study_with_rle_ct_through_storescu(tmp_path, node_factory, storescp, small_study):
+    """A synthetic PET/CT study (CT compressed to RLE by dcmtk dcmcrle) sent by storescu, processed, exported."""
+    dest = Destination(name="pacs", kind="dimse", ae_title="DEST", host="127.0.0.1", port=storescp.port)
+    node = node_factory(node_config(tmp_path / "data", export__destinations=[dest]))
+    rle_dir = tmp_path / "ct-rle"
+    rle_dir.mkdir()
+    ct_files = sorted((small_study / "CT").iterdir())
+    pet_files = sorted((small_study / "PT").iterdir())
+    for f in ct_files:
+        subprocess.run(["dcmcrle", str(f), str(rle_dir / f.name)], check=True, capture_output=True, timeout=30)
+    assert storescu(node.dimse_port, pet_files).returncode == 0
+    res = storescu(node.dimse_port, sorted(rle_dir.iterdir()), extra=["-xr"])
+    assert res.returncode == 0, res.stderr
+    study_uid = dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID
+    info = node.index.study(study_uid)
+    assert info["instance_count"] == len(ct_files) + len(pet_files)
+    assert info["modalities"] == ["CT", "PT"]
+    syntaxes = {r["transfer_syntax"] for r in node.index.query(
+        "SELECT transfer_syntax FROM instances i JOIN series s USING(series_uid) WHERE s.modality='CT'")}
+    assert syntaxes == {"1.2.840.10008.1.2.5"}  # stored as received, decoded later by the pipeline
+    job = _done_job(node, study_uid)
+    assert job.state == "done", job.reason
+    assert {dcmread(p).SOPInstanceUID for p in storescp.files()} == set(job.result_uids)
