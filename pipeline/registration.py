@@ -152,8 +152,8 @@ def register_rigid(
     *,
     seed: int = DEFAULT_SEED,
     grid_mm: float = 4.0,
-    sampling: float = 0.25,
-    bins: int = 32,
+    sampling: float = 0.2,
+    bins: int = 64,
     max_iterations: int = 150,
     threads: int | None = None,
 ) -> RegistrationInfo:

@@ -127,3 +127,67 @@ def test_unknown_mode_and_no_overlap(tmp_path):
                         pet.study_instance_uid, pet.headers, "GML")
     with pytest.raises(CoverageError, match=rf"{pet.series_instance_uid}.*covers only 0%.*{ct.series_instance_uid}"):
         geometry.pet_onto_ct(away, ct)
+
+
+# --- synthetic studies from the generator (known truth) -------------------------------------
+
+def _independent_pet_at(study, points_lps: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of the generator's SUV (scipy, not SimpleITK) at CT-frame points."""
+    from scipy.ndimage import map_coordinates
+
+    grid = study.pet_grid
+    q = points_lps + np.asarray(study.case["pet_offset_mm"])
+    idx = (q - np.asarray(grid.origin)) / (np.asarray(grid.spacing) * np.asarray(grid.direction))
+    coords = np.stack([idx[:, 2], idx[:, 1], idx[:, 0]])  # z, y, x
+    return map_coordinates(study.pet_suv.astype(np.float64), coords, order=1, mode="constant", cval=0.0)
+
+
+def _run(folder: Path):
+    from pipeline import selection
+
+    chosen = selection.select_pet_ct(reader.scan_files([folder]).series)
+    ct = reader.load_volume(chosen.ct)
+    return ct, geometry.pet_onto_ct(suv.to_suv(reader.load_volume(chosen.pet)), ct)
+
+
+def _sample_points(ct: SeriesVolume, study, count: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """Random CT voxels inside the PET field of view: (indices z,y,x), LPS points."""
+    rng = np.random.default_rng(0)
+    z, y, x = (rng.integers(0, n, count) for n in study.ct_hu.shape)
+    image = ct.image
+    pts = np.asarray([image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))) for i, j, k in zip(x, y, z)])
+    lo, hi = study.pet_grid.extent()
+    inside = np.all((pts + study.case["pet_offset_mm"] >= lo) & (pts + study.case["pet_offset_mm"] <= hi), axis=1)
+    return np.stack([z, y, x])[:, inside], pts[inside]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"motion": "breathing"}, {"feet_first": True, "pet_slice_mm": 2.0, "compress": "rle"}],
+    ids=["default", "feet-first-thin-pet-rle"],
+)
+def test_synthetic_pet_on_ct_matches_generator(synthetic_study_factory, synthetic_study_object_factory, options):
+    folder = synthetic_study_factory(7, **options)
+    study = synthetic_study_object_factory(7, **options)
+    ct, (pet_on_ct, info) = _run(folder)
+    assert not info.registered
+    (z, y, x), pts = _sample_points(ct, study)
+    got = sitk.GetArrayViewFromImage(pet_on_ct)[z, y, x]
+    expected = _independent_pet_at(study, pts)
+    assert np.abs(got - expected).max() <= 0.01 * study.pet_suv.max()
+
+
+def test_synthetic_different_frame_is_registered_within_2mm(synthetic_study_factory, synthetic_study_object_factory):
+    # Static anatomy: with breathing, the PET is a motion average and the best match is shifted
+    # along z by up to half the amplitude, which is not a registration error.
+    options = {"motion": "static", "feet_first": True, "compress": "jpeg2000", "pet_offset_mm": (5.0, -4.0, 9.0)}
+    folder = synthetic_study_factory(5, **options)
+    study = synthetic_study_object_factory(5, **options)
+    ct, (pet_on_ct, info) = _run(folder)
+    assert info.registered
+    # The transform maps CT points to PET points: compare with the true offset over the thorax.
+    lo, hi = study.ct_grid.extent()
+    corners = [(a, b, c) for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+    errors = [np.linalg.norm(np.subtract(info.transform.TransformPoint(p), np.add(p, options["pet_offset_mm"])))
+              for p in corners]
+    assert max(errors) < 2.0, (errors, info.to_dict())
