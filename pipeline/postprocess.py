@@ -25,7 +25,7 @@ def postprocess(
     min_component_cc: float = 0.1,
     keep: int = 5,
 ) -> np.ndarray:
-    """Labelled lesion mask (int32 (Z, Y, X); 0 background, 1 the largest lesion, ...).
+    """Labelled lesion mask (uint8 (Z, Y, X); 0 background, 1 the largest lesion, ...).
 
     Parameters
     ----------
@@ -38,30 +38,47 @@ def postprocess(
     min_component_cc:
         Components smaller than this volume are removed.
     keep:
-        At most this many components are kept (largest first); 0 keeps none.
+        At most this many components are kept (largest first, at most 255); 0 keeps none.
     """
     prob = np.asarray(prob)
     if prob.ndim != 3:
         raise ValueError(f"prob must be (Z, Y, X), got shape {prob.shape}")
     voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
+    out = np.zeros(prob.shape, dtype=np.uint8)
     fg = prob >= threshold
-    labels, n = ndimage.label(fg, structure=_FULL)
-    del fg
-    out = np.zeros(prob.shape, dtype=np.int32)
-    if n == 0 or keep <= 0:
+    box = _bounding_box(fg)
+    if box is None or keep <= 0:
         return out
+    # Label only the foreground's bounding box (plus one voxel for hole filling): predictions
+    # are small against the CT grid, so this avoids a full-size int32 label array.
+    fg_box = fg[box]
+    del fg
+    labels, n = ndimage.label(fg_box, structure=_FULL)
+    del fg_box
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_cc >= min_component_cc]
     boxes = ndimage.find_objects(labels)
-    for new, old in enumerate(order[:keep], start=1):
-        box = boxes[old - 1]
-        padded = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
-        part = labels[padded] == old
+    target = out[box]
+    for new, old in enumerate(order[: min(keep, 255)], start=1):
+        sub = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[old - 1])
+        part = labels[sub] == old
         part = ndimage.binary_fill_holes(part)
         part = ndimage.binary_fill_holes(part, structure=_PLANAR)
-        region = out[padded]
+        region = target[sub]
         region[part & (region == 0)] = new
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding ``mask`` grown by one voxel, or None when empty."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.nonzero(mask.any(axis=other))[0]
+        if hit.size == 0:
+            return None
+        box.append(slice(max(0, int(hit[0]) - 1), min(mask.shape[axis], int(hit[-1]) + 2)))
+    return tuple(box)
 
 
 def component_report(
@@ -99,8 +116,10 @@ def component_report(
         raise ValueError(f"mask {mask.shape} and SUV {suv.shape} differ in shape")
     if mask.dtype == bool:
         labels, _ = ndimage.label(mask, structure=_FULL)
+    elif np.issubdtype(mask.dtype, np.integer):
+        labels = mask  # find_objects takes any integer type: no full-size copy
     else:
-        labels = mask.astype(np.int32, copy=False)
+        raise ValueError(f"mask must be bool or integer labels, got {mask.dtype}")
     spacing = np.asarray(spacing_zyx, dtype=float)
     voxel_cc = float(np.prod(spacing)) / 1000.0
     d = np.asarray(direction if direction is not None else np.eye(3).ravel(), dtype=float).reshape(3, 3)

@@ -243,6 +243,19 @@ def crop_box(
     return box, how
 
 
+def sandwich(left: np.ndarray, planes: np.ndarray, right_t: np.ndarray) -> np.ndarray:
+    """``left @ planes[i] @ right_t`` for every plane, as two large matrix products (float32).
+
+    One GEMM per side over the whole chunk is much faster than a GEMM per plane.
+    """
+    c, y, x = planes.shape
+    h, w = left.shape[0], right_t.shape[1]
+    right = np.ascontiguousarray(planes, dtype=np.float32).reshape(c * y, x) @ right_t  # (c*y, w)
+    right = np.ascontiguousarray(right.reshape(c, y, w).transpose(1, 0, 2)).reshape(y, c * w)
+    out = left @ right  # (h, c*w)
+    return out.reshape(h, c, w).transpose(1, 0, 2)
+
+
 def _nonzero_span(matrix: np.ndarray) -> tuple[int, int]:
     cols = np.nonzero(matrix.any(axis=0))[0]
     return int(cols.min()), int(cols.max()) + 1
@@ -338,7 +351,7 @@ class StackSet:
         canon = self.canonical.view(out)
         for a in range(0, len(self), CHUNK):
             chunk = probs[a : a + CHUNK].astype(np.float32, copy=False)
-            back = np.matmul(np.matmul(by, chunk), bxt)
+            back = sandwich(by, chunk, bxt)
             zs = self.slice_indices[a : a + CHUNK]
             for z, plane in zip(zs, back):
                 canon[z, ys, xs] = plane
@@ -357,8 +370,7 @@ class StackSet:
         out = np.zeros((len(self), *self.shape_hw), dtype=np.uint8)
         for a in range(0, len(self), CHUNK):
             zs = self.slice_indices[a : a + CHUNK]
-            chunk = canon[zs][:, ys, xs].astype(np.float32)
-            votes = np.matmul(np.matmul(my, chunk), mxt)
+            votes = sandwich(my, canon[zs][:, ys, xs], mxt)
             out[a : a + CHUNK] = (count > 0) & (2.0 * votes >= count - 1e-3)
         return out
 
@@ -388,8 +400,7 @@ def _resample_planes(
     out = np.empty((len(z_indices), ymap.n_model, xmap.n_model), dtype=np.float32)
     for a in range(0, len(z_indices), CHUNK):
         zs = z_indices[a : a + CHUNK]
-        chunk = np.asarray(canon[zs][:, ylo:yhi, xlo:xhi], dtype=np.float32)
-        res = np.matmul(np.matmul(ay32, chunk), axt)
+        res = sandwich(ay32, canon[zs][:, ylo:yhi, xlo:xhi], axt)
         if fill != 0.0:
             res += np.float32(fill) * missing
         out[a : a + CHUNK] = res

@@ -22,7 +22,7 @@ def test_threshold_removes_small_and_orders_by_size():
     prob[10, 50:53, 50:53] = 0.95  # 9 voxels = 0.018 cc: removed
     prob[15:18, 5:10, 40:45] = 0.49  # below threshold
     out = postprocess(prob, SPACING)
-    assert out.dtype == np.int32
+    assert out.dtype == np.uint8
     assert [int((out == k).sum()) for k in (1, 2, 3)] == [4000, 400, 50]
     assert out.max() == 3
     assert out[10, 51, 51] == 0 and out[16, 7, 42] == 0
