@@ -122,7 +122,7 @@ def rasterise_polygons(polygons: Sequence[np.ndarray], shape_yx: tuple[int, int]
     mask[y_lo : y_hi + 1] = np.cumsum(diff[:, :nx], axis=1) > 0
     # Pixels on a horizontal edge are on the boundary too.
     flat = np.abs(a[:, 1] - b[:, 1]) < 1e-9
-    for (xa, ya), (xb, _yb) in zip(a[flat], b[flat]):
+    for (xa, ya), (xb, _yb) in zip(a[flat], b[flat], strict=True):
         r = int(round(ya))
         if abs(ya - r) < 1e-6 and 0 <= r < ny:
             lo_x = max(0, int(np.ceil(min(xa, xb) - eps)))

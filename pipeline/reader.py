@@ -191,11 +191,12 @@ def _read_header(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, defer_size="1 KB")
     except InvalidDicomError:
-        # Some archives write bare datasets without the 128-byte preamble.
-        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size="1 KB", force=True)
-        if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
-            raise InvalidDicomError("not a DICOM file (no preamble and no DICOM attributes)")
-        return ds
+        pass
+    # Some archives write bare datasets without the 128-byte preamble.
+    ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size="1 KB", force=True)
+    if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+        raise InvalidDicomError("not a DICOM file (no preamble and no DICOM attributes)")
+    return ds
 
 
 def _has_pixel_data(ds: Dataset) -> bool:

@@ -80,7 +80,7 @@ class AxisMap:
     ratio: float
 
     @classmethod
-    def centred(cls, lo: int, hi: int, n_ct: int, ct_spacing: float, model_spacing: float, multiple: int) -> "AxisMap":
+    def centred(cls, lo: int, hi: int, n_ct: int, ct_spacing: float, model_spacing: float, multiple: int) -> AxisMap:
         """Model axis covering CT pixels ``lo..hi`` (inclusive), padded to ``multiple`` and centred."""
         ratio = model_spacing / ct_spacing
         width = hi - lo + 1
@@ -151,7 +151,7 @@ class Canonical:
     z_superior: bool
 
     @classmethod
-    def from_direction(cls, direction: tuple[float, ...]) -> "Canonical":
+    def from_direction(cls, direction: tuple[float, ...]) -> Canonical:
         d = np.asarray(direction, dtype=float).reshape(3, 3)
         transpose = abs(d[0, 0]) < abs(d[0, 1])
         if transpose:
@@ -353,7 +353,7 @@ class StackSet:
             chunk = probs[a : a + CHUNK].astype(np.float32, copy=False)
             back = sandwich(by, chunk, bxt)
             zs = self.slice_indices[a : a + CHUNK]
-            for z, plane in zip(zs, back):
+            for z, plane in zip(zs, back, strict=True):
                 canon[z, ys, xs] = plane
         return out
 

@@ -155,7 +155,7 @@ def _sample_points(ct: SeriesVolume, study, count: int = 4000) -> tuple[np.ndarr
     rng = np.random.default_rng(0)
     z, y, x = (rng.integers(0, n, count) for n in study.ct_hu.shape)
     image = ct.image
-    pts = np.asarray([image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))) for i, j, k in zip(x, y, z)])
+    pts = np.asarray([image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))) for i, j, k in zip(x, y, z, strict=True)])
     lo, hi = study.pet_grid.extent()
     inside = np.all((pts + study.case["pet_offset_mm"] >= lo) & (pts + study.case["pet_offset_mm"] <= hi), axis=1)
     return np.stack([z, y, x])[:, inside], pts[inside]

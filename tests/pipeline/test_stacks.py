@@ -10,7 +10,15 @@ from scipy import ndimage
 from model.preprocessing import Preprocessing
 from pipeline.stacks import AxisMap, build_stacks
 from pipeline.volume import SeriesVolume
-from tests.pipeline.conftest import FFS, HFP, TUMOUR_CENTRE, Grid, centred_grid, phantom_ct, phantom_suv
+from tests.pipeline.conftest import (
+    FFS,
+    HFP,
+    TUMOUR_CENTRE,
+    Grid,
+    centred_grid,
+    phantom_ct,
+    phantom_suv,
+)
 
 PREP = Preprocessing(slices=5, pixel_spacing_mm=2.0, size_multiple=16, lung_margin_mm=20.0)
 
@@ -67,7 +75,7 @@ def test_neighbours_are_adjacent_ct_slices_with_edges_replicated(stackset):
     s, _ct, _pet = stackset
     planes = s.to_model_grid(sitk.GetArrayFromImage(_ct.image))
     assert s.slice_indices[-1] == GRID.size[2] - 1  # lungs reach the top: edge replication is exercised
-    by_z = {int(z): p for z, p in zip(s.slice_indices, planes)}
+    by_z = {int(z): p for z, p in zip(s.slice_indices, planes, strict=True)}
     for i, centre in enumerate(s.slice_indices):
         for k, d in enumerate(range(-2, 3)):
             z = int(np.clip(centre + d, 0, GRID.size[2] - 1))

@@ -16,8 +16,8 @@ from tests.pipeline.conftest import (
     F18_HALF_LIFE,
     WEIGHT_KG,
     StudyIds,
-    phantom_suv,
     pet_base,
+    phantom_suv,
 )
 
 EXPECTED_START = WEIGHT_KG * 1000.0 / (DOSE_BQ * math.exp(-math.log(2) * 3600.0 / F18_HALF_LIFE))
