@@ -175,6 +175,7 @@ def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
 
 
 def _expand(paths: Iterable[Path]) -> list[Path]:
+    """Files of ``paths`` (directories walked), each file once."""
     out: list[Path] = []
     for p in paths:
         p = Path(p)
@@ -183,7 +184,7 @@ def _expand(paths: Iterable[Path]) -> list[Path]:
                 out.extend(Path(root) / n for n in sorted(names))
         else:
             out.append(p)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _read_header(path: Path) -> Dataset:

@@ -167,3 +167,18 @@ def test_mismatched_pet_grid_is_refused():
     ct, _pet = volume_on(centred_grid((40, 30, 10), (4.0, 4.0, 5.0)))
     with pytest.raises(ValueError, match="resample first"):
         build_stacks(ct, sitk.Image(10, 10, 10, sitk.sitkFloat32), PREP)
+
+
+def test_crop_falls_back_to_body_then_whole_image():
+    grid = centred_grid((64, 48, 8), (5.0, 5.0, 5.0))
+    ct, pet = volume_on(grid)
+    points = grid.points()
+    water = np.where(np.hypot(points[..., 0] / 120.0, points[..., 1] / 90.0) <= 1.0, 0.0, -1000.0)
+    no_lungs = SeriesVolume(sitk.GetImageFromArray(water.astype(np.float32)), "CT", "1.2", "1.3", "1.4")
+    no_lungs.image.CopyInformation(ct.image)
+    s = build_stacks(no_lungs, pet, PREP)
+    assert s.crop_reason == "body (no lungs found)" and len(s) == grid.size[2]
+    air = SeriesVolume(sitk.GetImageFromArray(np.full(water.shape, -1000.0, np.float32)), "CT", "1.2", "1.3", "1.4")
+    air.image.CopyInformation(ct.image)
+    s = build_stacks(air, pet, PREP)
+    assert s.crop_reason == "whole image (no body found)" and s.crop == (0, 7, 0, 47, 0, 63)
