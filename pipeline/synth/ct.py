@@ -95,14 +95,17 @@ def render_ct(model: ThoraxModel, grid: Grid, diaphragm_shift: float, tumours: l
         for dz in (-0.25, 0.25):
             for dy in (-0.25, 0.25):
                 for dx in (-0.25, 0.25):
-                    X = (x[bx] + dx * sx * grid.direction[0]).astype(np.float32)[None, None, :]
-                    Y = (y[by] + dy * sy * grid.direction[1]).astype(np.float32)[None, :, None]
-                    Z = (z[bz] + dz * sz * grid.direction[2]).astype(np.float32)[:, None, None]
+                    xs = (x[bx] + dx * sx * grid.direction[0]).astype(np.float32)
+                    ys = (y[by] + dy * sy * grid.direction[1]).astype(np.float32)
+                    zs = (z[bz] + dz * sz * grid.direction[2]).astype(np.float32)
                     inside = np.zeros(frac.shape, bool)
                     for t, off in zip(tumours, tumour_offsets, strict=True):
-                        here = t.inside(X, Y, Z, off)
-                        tissue += np.where(here & ~inside, t.ct_hu(X, Y, Z, off), 0)
-                        inside |= here
+                        lz, ly, lx = t.local_box(xs, ys, zs, off)
+                        X, Y, Z = xs[lx][None, None, :], ys[ly][None, :, None], zs[lz][:, None, None]
+                        f = t.field(X, Y, Z, off)
+                        here = (f >= t.level) & ~inside[lz, ly, lx]
+                        tissue[lz, ly, lx] += np.where(here, t.ct_hu(X, Y, Z, off, f), 0)
+                        inside[lz, ly, lx] |= here
                     frac += inside
         tissue /= np.maximum(frac, 1)
         frac /= 8.0
