@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,

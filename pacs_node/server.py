@@ -46,7 +46,9 @@ class NodeServer:
         self.router = Router()
         StowService(self.ingest).register(self.router)
         self.router.add("GET", r"/health", self._health, auth=False)
-        self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token)
+        # a STOW body may carry a whole study: allow twice the largest instance, in memory
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token,
+                               max_body=int(cfg.listener.max_instance_mb * 2 * 1024 * 1024))
         calling_ae = cfg.export.calling_ae_title or cfg.listener.ae_title
         self.exporter = Exporter(self.jobs, cfg.export, calling_ae)
         self.workers = WorkerPool(

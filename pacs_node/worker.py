@@ -14,10 +14,11 @@ import multiprocessing
 import os
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pacs_node.jobs import Job, JobQueue
 from pacs_node.spool import Spool
@@ -141,7 +142,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._pool_lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self.busy = 0
+        self._busy: set[int] = set()  # ids of jobs being processed now
 
     def _new_pool(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(
@@ -172,6 +173,10 @@ class WorkerPool:
         """A job was queued: look now instead of at the next poll."""
         self._wake.set()
 
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs being processed right now."""
+        return sorted(self._busy)
+
     def alive(self) -> bool:
         """True while the dispatcher threads run."""
         return any(t.is_alive() for t in self._threads)
@@ -201,7 +206,7 @@ class WorkerPool:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self.busy += 1
+            self._busy.add(job.id)
             try:
                 self._run(job)
             except Exception:
@@ -209,7 +214,7 @@ class WorkerPool:
                 if not self._stop.is_set():
                     self.jobs.fail(job.id, "internal error in the dispatcher; see the node log")
             finally:
-                self.busy -= 1
+                self._busy.discard(job.id)
 
     def _run(self, job: Job) -> None:
         restored = self.spool.restore(job.study_uid)

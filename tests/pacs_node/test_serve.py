@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
 from conftest import node_config
 from nodetest_helpers import echoscu, free_port, make_study, storescu, wait_for, wait_port
+from pydicom import dcmread
+
 from pacs_node.config import Destination
 
 pytestmark = pytest.mark.peers
