@@ -214,8 +214,8 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
 
     # truth on the CT grid
     t_ct = trace.ct_time_fraction
-    n_env = 1 if static else max(12, int(np.ceil(max_si / 0.4)) + 2)
-    times = np.concatenate([[t_ct], trace.envelope_times(n_env)]) if not static else np.array([t_ct])
+    max_path = max(float(np.linalg.norm(t.amplitude_lps)) for t in tumours)
+    times = np.array([t_ct]) if static else np.concatenate([[t_ct], trace.envelope_times(max_path)])
     gtv = np.zeros(ct_grid.shape, bool)
     igtv = np.zeros(ct_grid.shape, bool)
     box = tumour_box(tumours, ct_grid)
