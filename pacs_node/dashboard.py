@@ -158,7 +158,7 @@ class Dashboard:
             router.add("GET", r"/metrics", self.metrics_text, auth=False)
         router.add("GET", r"/api/summary", self.summary)
         router.add("GET", r"/api/studies", self.studies)
-        router.add("GET", r"/api/studies/(?P<uid>[0-9.]+)", self.study)
+        router.add("GET", r"/api/studies/(?P<study_uid>[0-9.]+)", self.study)
         router.add("GET", r"/api/jobs", self.job_list)
         router.add("GET", r"/api/jobs/(?P<id>[0-9]+)", self.job)
         router.add("GET", r"/api/jobs/(?P<id>[0-9]+)/preview\.png", self.preview)
@@ -224,7 +224,7 @@ class Dashboard:
 
     def study(self, request: Request) -> Response:
         """One study with its series and all its jobs."""
-        uid = request.params["uid"]
+        uid = request.params["study_uid"]
         row = self.index.study(uid) if is_valid_uid(uid) else None
         if row is None:
             return _error(404, f"study {uid} is not in the index")

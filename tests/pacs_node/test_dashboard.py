@@ -233,3 +233,20 @@ def test_report_numbers_of_reports_without_a_target() -> None:
     assert report_numbers(None) == {"igtv_volume_cc": None, "suv_max": None, "si_extent_mm": None, "lesions": None}
     empty = build_report([], {"load": 1.0}, {"version": "test"}, {})
     assert report_numbers(empty) == {"igtv_volume_cc": 0.0, "suv_max": None, "si_extent_mm": None, "lesions": 0}
+
+
+def test_every_api_route_and_metric_is_documented() -> None:
+    """docs/operations.md lists each route the dashboard registers and each metric the node exposes."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    router = Router()
+    metrics = NodeMetrics()
+    Dashboard(None, None, destinations=[], metrics=metrics, audit_path=Path("a")).register(router)
+    for route in router.routes:
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", route.pattern.pattern).replace("\\", "")
+        if path.startswith("/api") or path == "/metrics":
+            assert f"`{path}" in doc, f"{route.method} {path} is not documented in docs/operations.md"
+    for line in metrics.render().splitlines():
+        if line.startswith("# TYPE "):
+            assert f"`{line.split()[2]}`" in doc, f"metric {line.split()[2]} is not documented"
