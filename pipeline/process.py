@@ -154,7 +154,9 @@ def process_study(
             min_component_cc=settings.min_component_cc,
             keep=settings.keep_components,
         )
-        components = postprocess.component_report(labels, suv_ct, spacing_zyx)
+        components = postprocess.component_report(
+            labels, suv_ct, spacing_zyx, origin=ct.image.GetOrigin(), direction=ct.image.GetDirection()
+        )
         del prob_ct
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,8 +177,9 @@ def process_study(
         rts = write_rtstruct(labels, ct, info)
         rts.save_as(rt_path, enforce_file_format=True)
         preview_path = preview_writer.render_preview(
-            sitk.GetArrayViewFromImage(ct.image), suv_ct, labels > 0, spacing_zyx,
+            sitk.GetArrayViewFromImage(ct.image), suv_ct, labels, spacing_zyx,
             out_dir / "preview.png", title=f"IGTV, model {predictor.version}",
+            **preview_writer.display_geometry(ct),
         )
     timer.timings["total"] = round(time.perf_counter() - t0, 3)
 
@@ -185,14 +188,11 @@ def process_study(
         timer.timings,
         {"version": predictor.version, "preprocessing": predictor.preprocessing.to_dict()},
         {
-            "study_instance_uid": ct.study_instance_uid,
-            "ct_series_instance_uid": ct.series_instance_uid,
+            **report_writer.uid_entries(ct, None, {"seg": seg, "rtstruct": rts}),
             "pet_series_instance_uid": chosen.pet.uid,
             "registration": registration_summary(registration),
             "selection_notes": list(chosen.notes),
             "skipped": [{"series": s, "reason": r} for s, r in result.skipped],
-            "seg_sop_instance_uid": str(seg.SOPInstanceUID),
-            "rtstruct_sop_instance_uid": str(rts.SOPInstanceUID),
         },
     )
     report_path = out_dir / "report.json"
