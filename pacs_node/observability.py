@@ -166,7 +166,7 @@ class NodeObserver:
                       seconds: float | None = None) -> None:
         """A job's results are written; stage timings become histogram observations."""
         report = result.get("report") or {}
-        timings = report.get("timings") if isinstance(report, dict) else None
+        timings = report.get("timings_s") if isinstance(report, dict) else None
         if isinstance(timings, dict):
             self.metrics.observe_stages({k: v for k, v in timings.items() if k != "total"
                                          and isinstance(v, (int, float))})
