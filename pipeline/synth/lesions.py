@@ -33,11 +33,13 @@ def sample_diameter(rng: np.random.Generator) -> float:
 
 def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter_mm: float | None,
                   amplitude_mm: float | None, static: bool, necrosis: bool | None,
-                  z_range_rel: tuple[float, float] = (-1e4, 1e4)) -> list[TumourShape]:
+                  z_range_rel: tuple[float, float] = (-1e4, 1e4),
+                  amplitude_range_mm: tuple[float, float] | None = None) -> list[TumourShape]:
     """Choose lobe, size, position, uptake and motion of ``n`` tumours inside the lungs.
 
     ``z_range_rel`` (relative to the body centre) keeps the tumours, with their motion,
-    inside the imaged range.
+    inside the imaged range. The SI amplitude is ``amplitude_mm`` if given, else drawn from
+    ``amplitude_range_mm`` if given, else from the lobe's typical range (:data:`SI_RANGE`).
     """
     p = model.p
     c = np.asarray(p.centre)
@@ -84,7 +86,10 @@ def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter
         si_lo, si_hi = SI_RANGE[LOBES[lobe]]
         # draw every random number whatever the options, so that static and breathing variants
         # (or amplitude overrides) of one seed share the patient and the tumour
-        si_drawn = float(rng.uniform(si_lo, si_hi)) * (0.6 if abutting == "chest wall" else 1.0)
+        u = float(rng.random())
+        if amplitude_range_mm is not None:
+            si_lo, si_hi = amplitude_range_mm
+        si_drawn = (si_lo + u * (si_hi - si_lo)) * (0.6 if abutting == "chest wall" and amplitude_range_mm is None else 1.0)
         lr, ap = rng.uniform(-0.15, 0.15), rng.uniform(0.1, 0.35)
         si = 0.0 if static else (amplitude_mm if amplitude_mm is not None else si_drawn)
         amp = np.array([si * lr, -si * ap, -si])
