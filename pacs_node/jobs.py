@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pacs_node.events import NodeEvents
 from pacs_node.index import Index, dumps
 
 JOB_STATES = ("queued", "running", "exporting", "done", "failed")
@@ -42,10 +43,19 @@ class Job:
 
 
 class JobQueue:
-    """Jobs and exports over an :class:`Index`."""
+    """Jobs and exports over an :class:`Index`.
 
-    def __init__(self, index: Index) -> None:
+    Parameters
+    ----------
+    index:
+        Where jobs and exports are kept.
+    events:
+        Receives ``job_done`` and ``job_failed`` when a job reaches its final state.
+    """
+
+    def __init__(self, index: Index, events: NodeEvents | None = None) -> None:
         self.index = index
+        self.events = events or NodeEvents()
 
     # -- jobs -----------------------------------------------------------------------
     def enqueue(self, study_uid: str, generation: int) -> int:
@@ -85,7 +95,9 @@ class JobQueue:
                 "WHERE study_uid=?",
                 (reason, generation, study_uid),
             )
-        return int(cur.lastrowid)
+        job_id = int(cur.lastrowid)
+        self.events.emit("job_failed", job_id=job_id, study_uid=study_uid, reason=reason)
+        return job_id
 
     def claim(self) -> Job | None:
         """Take the oldest queued job (-> running, attempts + 1), or None."""
@@ -152,6 +164,8 @@ class JobQueue:
                 )
             if not destinations:
                 self._study_done(con, job_id)
+        if not destinations:
+            self._emit_final(job_id)
 
     def fail(self, job_id: int, reason: str) -> None:
         """-> failed with ``reason``; the study shows the reason too."""
@@ -165,6 +179,23 @@ class JobQueue:
                 "UPDATE studies SET state='failed', reason=? WHERE study_uid=(SELECT study_uid FROM jobs WHERE id=?)",
                 (reason, job_id),
             )
+        self._emit_final(job_id)
+
+    def _emit_final(self, job_id: int) -> None:
+        """Emit ``job_done`` or ``job_failed`` for a job that reached its final state."""
+        rows = self.index.query(
+            "SELECT study_uid, state, reason, started, finished, result_uids FROM jobs WHERE id=?", (job_id,)
+        )
+        if not rows or rows[0]["state"] not in ("done", "failed"):
+            return
+        row = rows[0]
+        if row["state"] == "failed":
+            self.events.emit("job_failed", job_id=job_id, study_uid=row["study_uid"], reason=row["reason"] or "")
+            return
+        started, finished = row["started"], row["finished"]
+        seconds = max(0.0, float(finished) - float(started)) if started is not None and finished else 0.0
+        self.events.emit("job_done", job_id=job_id, study_uid=row["study_uid"], seconds=seconds,
+                         result_uids=json.loads(row["result_uids"] or "[]"))
 
     def _study_done(self, con: Any, job_id: int) -> None:
         con.execute(
@@ -229,6 +260,7 @@ class JobQueue:
                     "UPDATE jobs SET state='done', reason=NULL, updated=?, finished=? WHERE id=?", (now, now, job_id)
                 )
                 self._study_done(con, job_id)
+        self._emit_final(job_id)
 
     def resend(self, job_id: int, destinations: list[str]) -> None:
         """Queue the outputs of a finished job for sending again (dashboard 'resend')."""

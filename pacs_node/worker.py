@@ -83,6 +83,15 @@ def run_study(process_spec: str, paths: list[str], out_dir: str, settings: Proce
     }
 
 
+def stage_timings(report: Any) -> dict[str, float]:
+    """The stage seconds of a pipeline report (its ``timings_s``), without the ``total``."""
+    timings = report.get("timings_s") if isinstance(report, dict) else None
+    if not isinstance(timings, dict):
+        return {}
+    return {str(k): float(v) for k, v in timings.items()
+            if k != "total" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _init_worker(torch_threads: int) -> None:
     """Limit the threads of numeric libraries in the worker process."""
     if torch_threads > 0:
@@ -125,7 +134,7 @@ class WorkerPool:
     on_processed:
         Called after a job's results are recorded (wakes the exporter).
     events:
-        Receives job_started, job_finished and job_failed.
+        Receives job_started and job_finished (the job queue emits job_done and job_failed).
     """
 
     def __init__(self, jobs: JobQueue, spool: Spool, results_dir: Path, settings: ProcessSettings,
@@ -244,7 +253,6 @@ class WorkerPool:
                 reason = f"worker process died {job.attempts} times on this study ({exc}); inputs quarantined"
                 self.spool.quarantine(job.study_uid, reason)
                 self.jobs.fail(job.id, reason)
-                self.events.emit("job_failed", job_id=job.id, study_uid=job.study_uid, reason=reason)
             else:
                 log.warning("job %d: worker process died (%s); re-queued", job.id, exc)
                 self.jobs.requeue(job.id, f"worker process died: {exc}")
@@ -258,13 +266,13 @@ class WorkerPool:
                 log.warning("job %d: study %s failed: %s", job.id, job.study_uid, result["reason"])
             self.spool.quarantine(job.study_uid, result["reason"])
             self.jobs.fail(job.id, result["reason"])
-            self.events.emit("job_failed", job_id=job.id, study_uid=job.study_uid, reason=result["reason"])
             return
-        self.jobs.processed(job.id, result, self.destinations)
         report = result.get("report") or {}
+        # before the queue records it: subscribers see job_finished ahead of the exports and job_done
         self.events.emit("job_finished", job_id=job.id, study_uid=job.study_uid,
                          seconds=time.perf_counter() - start, result_uids=result["result_uids"], report=report,
-                         timings=report.get("timings", {}) if isinstance(report, dict) else {})
+                         timings=stage_timings(report))
+        self.jobs.processed(job.id, result, self.destinations)
         if self.on_processed:
             self.on_processed()
         log.info("job %d: study %s processed, %d result(s)%s", job.id, job.study_uid, len(result["dicom_outputs"]),
