@@ -10,7 +10,6 @@ Events and their keyword arguments (who emits them):
 - ``study_received`` (study_uid, source): ingest, for the first instance of a study
 - ``stow_request`` (source, status): STOW-RS service, after each request (whatever its outcome)
 - ``job_started`` (job_id, study_uid): worker
-- ``job_progress`` (job_id, stage, fraction): worker, as the processing function reports stages
 - ``job_finished`` (job_id, study_uid, seconds, result_uids, report, timings): worker, when the
   results are written (``timings``: the report's stage seconds, without ``total``)
 - ``job_done`` (job_id, study_uid, seconds, result_uids): job queue, when a job ends done (after its exports)

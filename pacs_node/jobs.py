@@ -18,6 +18,15 @@ from pacs_node.index import Index, dumps
 JOB_STATES = ("queued", "running", "exporting", "done", "failed")
 
 
+def stage_timings(report: Any) -> dict[str, float]:
+    """The stage seconds of a pipeline report (its ``timings_s``), without the ``total``."""
+    timings = report.get("timings_s") if isinstance(report, dict) else None
+    if not isinstance(timings, dict):
+        return {}
+    return {str(k): float(v) for k, v in timings.items()
+            if k != "total" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 @dataclass
 class Job:
     """One row of the jobs table."""
@@ -107,11 +116,22 @@ class JobQueue:
             if not row:
                 return None
             con.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, reason=NULL "
-                "WHERE id=?",
+                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, reason=NULL, "
+                "stage=NULL, stage_fraction=0, stage_timings=NULL WHERE id=?",
                 (now, now, row[0]),
             )
         return self.job(int(row[0]))
+
+    def set_progress(self, job_id: int, stage: str, fraction: float, timings: dict[str, float]) -> None:
+        """A running job entered ``stage`` with ``fraction`` of the pipeline done; ``timings``: stages so far.
+
+        Called from the worker process (a second connection to the WAL index).
+        """
+        with self.index.write() as con:
+            con.execute(
+                "UPDATE jobs SET stage=?, stage_fraction=?, stage_timings=? WHERE id=? AND state='running'",
+                (stage, min(1.0, max(0.0, float(fraction))), dumps(timings), job_id),
+            )
 
     def job(self, job_id: int) -> Job | None:
         """One job, or None."""
@@ -149,13 +169,15 @@ class JobQueue:
         """Store a job's outputs; -> exporting (one pending export per destination) or done."""
         now = time.time()
         state = "exporting" if destinations else "done"
+        timings = stage_timings(result.get("report"))
         with self.index.write() as con:
             con.execute(
                 "UPDATE jobs SET state=?, updated=?, finished=?, out_dir=?, outputs=?, dicom_outputs=?, "
-                "result_uids=?, report=? WHERE id=?",
+                "result_uids=?, report=?, stage=NULL, stage_fraction=1, "
+                "stage_timings=COALESCE(?, stage_timings) WHERE id=?",
                 (state, now, None if destinations else now, str(result["out_dir"]), dumps(result["outputs"]),
                  dumps(result["dicom_outputs"]), dumps(result["result_uids"]), dumps(result.get("report")),
-                 job_id),
+                 dumps(timings) if timings else None, job_id),
             )
             for name in destinations:
                 con.execute(

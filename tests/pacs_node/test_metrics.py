@@ -172,8 +172,8 @@ def test_job_report_timings_become_stage_histograms(tmp_path) -> None:
     """The observer reads the stage timings of a real report (not its 'total') into the histogram."""
     from pacs_node.audit import AuditLog, read_events
     from pacs_node.events import NodeEvents
+    from pacs_node.jobs import stage_timings
     from pacs_node.observability import NodeObserver
-    from pacs_node.worker import stage_timings
     from pipeline.writers.report import build_report
 
     m = NodeMetrics()
