@@ -20,7 +20,8 @@ from pacs_node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
-_REFUSAL_REASONS = {0xA700: "out_of_resources", 0xA900: "dataset_mismatch", 0xC000: "cannot_understand"}
+_REFUSAL_REASONS = {0xA700: "out_of_resources", 0xA900: "dataset_mismatch", 0xC000: "cannot_understand",
+                    0x0122: "sop_class_not_supported"}
 
 
 class NodeObserver:
