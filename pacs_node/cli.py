@@ -132,11 +132,10 @@ def demo(
     seed: int = typer.Option(1234, help="Seed of the synthetic study."),
 ) -> None:
     """The embedded default: synthesise one PET/CT study and replay it through the whole pipeline."""
-    from pipeline.synth.generate import SynthOptions, generate_studies
-
     from pacs_node.config import NodeConfig
     from pacs_node.replay import run_replay
     from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
 
     _setup_logging("INFO")
     try:
