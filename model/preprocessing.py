@@ -64,7 +64,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         """Inverse of :meth:`to_dict`; unknown keys are rejected."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known

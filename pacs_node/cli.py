@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -63,8 +62,9 @@ def synth(
     small: bool = typer.Option(False, help="Reduced-size studies (fast, for tests)."),
 ) -> None:
     """Generate synthetic thorax PET/CT studies as DICOM files with GTV/IGTV truth."""
-    from pipeline.errors import IgtvError
     from pipeline.synth.generate import SynthOptions, generate_studies
+
+    from pipeline.errors import IgtvError
 
     _setup_logging("WARNING")
     try:
@@ -81,8 +81,8 @@ def replay(
     study_dir: Path = typer.Argument(..., help="Folder of DICOM files of one study (searched recursively)."),
     out: Path = typer.Option(Path("igtv-results"), "--out", help="Folder for SEG, RTSTRUCT, preview and report."),
     dest: list[str] = typer.Option([], "--dest", help="Send results to NAME=AET@HOST:PORT or NAME=URL (repeatable)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="node.toml"),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (.safetensors); default: the shipped model."),
+    config: Path | None = typer.Option(None, "--config", help="node.toml"),
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint (.safetensors); default: the shipped model."),
 ) -> None:
     """Run the worker path on a folder, without a listener."""
     from pacs_node.replay import run_replay
@@ -107,10 +107,11 @@ def demo(
     seed: int = typer.Option(1234, help="Seed of the synthetic study."),
 ) -> None:
     """The embedded default: synthesise one PET/CT study and replay it through the whole pipeline."""
+    from pipeline.synth.generate import SynthOptions, generate_studies
+
     from pacs_node.config import NodeConfig
     from pacs_node.replay import run_replay
     from pipeline.errors import IgtvError
-    from pipeline.synth.generate import SynthOptions, generate_studies
 
     _setup_logging("INFO")
     try:
@@ -126,14 +127,14 @@ def demo(
 
 @app.command()
 def serve(
-    port: Optional[int] = typer.Option(None, help="DIMSE port (default 11112)."),
-    ae_title: Optional[str] = typer.Option(None, "--ae-title", help="Our AE title (default IGTV)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool, index and results (default ./igtv-data)."),
-    stable_age: Optional[float] = typer.Option(None, "--stable-age", help="Seconds without new instances before a study is complete (default 30)."),
+    port: int | None = typer.Option(None, help="DIMSE port (default 11112)."),
+    ae_title: str | None = typer.Option(None, "--ae-title", help="Our AE title (default IGTV)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Spool, index and results (default ./igtv-data)."),
+    stable_age: float | None = typer.Option(None, "--stable-age", help="Seconds without new instances before a study is complete (default 30)."),
     dest: list[str] = typer.Option([], "--dest", help="NAME=AET@HOST:PORT or NAME=https://host/dicomweb (repeatable)."),
-    http_port: Optional[int] = typer.Option(None, "--http-port", help="STOW-RS, dashboard and metrics port (default 8080)."),
+    http_port: int | None = typer.Option(None, "--http-port", help="STOW-RS, dashboard and metrics port (default 8080)."),
     allow_aet: list[str] = typer.Option([], "--allow-aet", help="Accept only these calling AE titles (repeatable)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="node.toml; flags override it."),
+    config: Path | None = typer.Option(None, "--config", help="node.toml; flags override it."),
 ) -> None:
     """Run the node: DIMSE and DICOMweb listeners, study completion, workers, export."""
     from pacs_node.config import load_config
@@ -186,7 +187,7 @@ def train(
     data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Output checkpoint (.safetensors; metadata JSON beside it)."),
     roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="RTSTRUCT ROI name(s) or SEG segment label(s) of the target, case-insensitive."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint (transfer learning)."),
+    init: Path | None = typer.Option(None, "--init", help="Start from this checkpoint (transfer learning)."),
     freeze: list[str] = typer.Option([], "--freeze", help="Encoder stages to freeze when fine-tuning (e.g. stem, stage1)."),
     epochs: int = typer.Option(30, help="Training epochs."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -195,8 +196,9 @@ def train(
     resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint of --out."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
-    from pipeline.errors import IgtvError
     from pipeline.training import TrainRequest, run_training
+
+    from pipeline.errors import IgtvError
 
     _setup_logging("INFO")
     try:
@@ -213,14 +215,15 @@ def train(
 @app.command()
 def evaluate(
     data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint; default the shipped model."),
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint; default the shipped model."),
     roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
     baselines: bool = typer.Option(True, help="Also run the SUV-40% baseline."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write per-case results as JSON here."),
+    out: Path | None = typer.Option(None, "--out", help="Write per-case results as JSON here."),
 ) -> None:
     """Per-case Dice, HD95 and volume ratio on the original CT grid."""
-    from pipeline.errors import IgtvError
     from pipeline.evaluation import run_evaluation
+
+    from pipeline.errors import IgtvError
 
     _setup_logging("WARNING")
     try:

@@ -38,6 +38,7 @@ class ListenerConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     allow_aet: list[str] = field(default_factory=list)
+    require_called_aet: bool = True  # reject associations not addressed to ae_title
     max_pdu: int = 262144
     max_instance_mb: float = 512.0
     max_instances_per_study: int = 5000
@@ -76,7 +77,7 @@ class Destination:
     tls: bool = False
 
     @classmethod
-    def parse(cls, spec: str) -> "Destination":
+    def parse(cls, spec: str) -> Destination:
         """Parse ``NAME=AET@HOST:PORT`` or ``NAME=http(s)://...``."""
         if "=" not in spec:
             raise ConfigError(f"destination {spec!r}: expected NAME=AET@HOST:PORT or NAME=URL")
@@ -100,6 +101,7 @@ class ExportConfig:
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 300.0
     timeout_s: float = 30.0
+    tls: TlsConfig = field(default_factory=TlsConfig)  # CA / client cert for destinations with tls = true
 
 
 @dataclass
@@ -108,6 +110,7 @@ class WorkerConfig:
 
     workers: int = 1
     torch_threads: int = 0  # 0: let torch decide
+    process_function: str = "pipeline.process:process_study"  # module:function run per study
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Background sender of finished jobs' results, following the retry schedule in the index."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pacs_node.config import Destination, ExportConfig
+from pacs_node.export import PermanentExportError, TransientExportError, backoff_delay, send_files
+from pacs_node.jobs import JobQueue
+from pipeline.errors import IgtvError
+
+log = logging.getLogger(__name__)
+
+
+class Exporter:
+    """Sends due exports; transient failures are rescheduled with capped backoff, permanent ones fail."""
+
+    def __init__(self, jobs: JobQueue, cfg: ExportConfig, calling_ae: str, poll_s: float = 0.5) -> None:
+        self.jobs = jobs
+        self.cfg = cfg
+        self.calling_ae = calling_ae
+        self.destinations: dict[str, Destination] = {d.name: d for d in cfg.destinations}
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="igtv-export", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(self.cfg.timeout_s + 5)
+
+    def run_due(self, now: float | None = None) -> int:
+        """Attempt every due export once; return how many were attempted."""
+        now = time.time() if now is None else now
+        due = self.jobs.due_exports(now)
+        for row in due:
+            if self._stop.is_set():
+                break
+            self._attempt(row, now)
+        return len(due)
+
+    def _attempt(self, row: dict, now: float) -> None:
+        dest = self.destinations.get(row["destination"])
+        if dest is None:
+            self.jobs.export_failed(row["id"], f"destination {row['destination']!r} is no longer configured")
+            return
+        job = self.jobs.job(row["job_id"])
+        files = [Path(p) for p in job.dicom_outputs] if job else []
+        missing = [str(p) for p in files if not p.exists()]
+        if not files or missing:
+            self.jobs.export_failed(row["id"], f"result files missing: {missing or 'none recorded'}")
+            return
+        attempt = row["attempts"] + 1
+        try:
+            sent = send_files(dest, files, self.cfg, self.calling_ae)
+        except TransientExportError as exc:
+            if attempt >= self.cfg.max_attempts:
+                self.jobs.export_failed(row["id"], f"{exc} (gave up after {attempt} attempts)")
+                log.error("export of job %d to %s failed for good: %s", row["job_id"], dest.name, exc)
+            else:
+                delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+                self.jobs.export_retry(row["id"], str(exc), now + delay)
+                log.warning("export of job %d to %s: %s; retry in %.1f s", row["job_id"], dest.name, exc, delay)
+            return
+        except (PermanentExportError, IgtvError, OSError) as exc:
+            self.jobs.export_failed(row["id"], str(exc))
+            log.error("export of job %d to %s failed: %s", row["job_id"], dest.name, exc)
+            return
+        self.jobs.export_sent(row["id"], sent)
+        log.info("job %d: sent %d result(s) to %s", row["job_id"], len(sent), dest.name)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_due()
+            except Exception:
+                log.exception("export loop failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()

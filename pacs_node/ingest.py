@@ -1,0 +1,144 @@
+"""One entry point for received instances (DIMSE C-STORE and STOW-RS): check, spool, index.
+
+An instance counts as received only when :meth:`Ingest.store` returns: its
+bytes are on disk (fsynced) and its row is committed in the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import sqlite3
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from pacs_node.index import Index, InstanceRecord
+from pacs_node.spool import Spool, SpoolError, SpoolFullError
+from pipeline.errors import IgtvError, InvalidUidError
+
+log = logging.getLogger(__name__)
+
+# DICOM status codes used when an instance is refused.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+_HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "Modality", "SeriesDescription", "PatientID", "StudyDate",
+]
+
+
+class IngestRejected(IgtvError):
+    """An instance was refused; ``status`` is the DICOM status to answer."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """An accepted instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    duplicate: bool
+
+
+def patient_hash(patient_id: str) -> str:
+    """Short one-way hash of a patient ID for de-identified display and logs."""
+    if not patient_id:
+        return ""
+    return hashlib.sha256(patient_id.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+class Ingest:
+    """Checks, spools and indexes received instances.
+
+    Parameters
+    ----------
+    spool, index:
+        Where instances are written and recorded.
+    max_instance_bytes:
+        Larger instances are refused with 0xA700.
+    max_instances_per_study:
+        New instances beyond this count in one study are refused with 0xA700.
+    """
+
+    def __init__(self, spool: Spool, index: Index, max_instance_bytes: int, max_instances_per_study: int) -> None:
+        self.spool = spool
+        self.index = index
+        self.max_instance_bytes = int(max_instance_bytes)
+        self.max_instances_per_study = int(max_instances_per_study)
+
+    def store(self, part10: bytes, source: str, expected_study: str | None = None) -> IngestResult:
+        """Store one DICOM Part-10 byte string durably; raise :class:`IngestRejected` when refused.
+
+        Parameters
+        ----------
+        part10:
+            Preamble, ``DICM``, file meta and data set, exactly as received.
+        source:
+            Who sent it (``dimse:AET`` or ``stow``), kept in the index.
+        expected_study:
+            When set, the instance must belong to this study (STOW ``/studies/{uid}``).
+        """
+        if len(part10) > self.max_instance_bytes:
+            raise IngestRejected(
+                f"instance of {len(part10)} bytes exceeds the {self.max_instance_bytes}-byte limit",
+                STATUS_OUT_OF_RESOURCES,
+            )
+        try:
+            ds = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            header = {t: str(ds.get(t, "") or "") for t in _HEADER_TAGS}
+            tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+            raise IngestRejected(f"cannot parse the DICOM header: {exc}", STATUS_CANNOT_UNDERSTAND) from None
+        study, series, sop = header["StudyInstanceUID"], header["SeriesInstanceUID"], header["SOPInstanceUID"]
+        if meta_sop and sop and meta_sop != sop:
+            raise IngestRejected(
+                f"SOPInstanceUID {sop!r} differs from the file meta's {meta_sop!r}", STATUS_DATASET_MISMATCH
+            )
+        if expected_study is not None and study != expected_study:
+            raise IngestRejected(
+                f"instance {sop!r} belongs to study {study!r}, not {expected_study!r}", STATUS_DATASET_MISMATCH
+            )
+        count = self.index.study_instance_count(study) if study else 0
+        if count >= self.max_instances_per_study and not (sop and self.index.instance(sop)):
+            raise IngestRejected(
+                f"study {study} already holds {count} instances (limit {self.max_instances_per_study})",
+                STATUS_OUT_OF_RESOURCES,
+            )
+        try:
+            stored = self.spool.store(part10, study, series, sop)
+        except InvalidUidError as exc:
+            raise IngestRejected(str(exc), STATUS_DATASET_MISMATCH) from None
+        except SpoolFullError as exc:
+            log.warning("refusing instance: %s", exc)
+            raise IngestRejected(str(exc), STATUS_OUT_OF_RESOURCES) from None
+        except (SpoolError, OSError) as exc:
+            log.error("cannot write instance %s: %s", sop, exc)
+            raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
+        try:
+            self.index.record_instance(
+                InstanceRecord(
+                    study_uid=study, series_uid=series, sop_uid=sop, sop_class_uid=header["SOPClassUID"],
+                    transfer_syntax=tsyntax, modality=header["Modality"],
+                    series_description=header["SeriesDescription"], path=str(stored.path), size=stored.size,
+                    source=source, patient_hash=patient_hash(header["PatientID"]), study_date=header["StudyDate"],
+                )
+            )
+        except sqlite3.Error as exc:
+            log.error("cannot index instance %s: %s", sop, exc)
+            raise IngestRejected(f"cannot record the instance in the index: {exc}", STATUS_OUT_OF_RESOURCES) from None
+        log.debug("stored %s (%s) from %s", sop, header["Modality"], source)
+        return IngestResult(study, series, sop, header["SOPClassUID"], stored.duplicate)

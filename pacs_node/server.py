@@ -1,0 +1,118 @@
+"""``igtv-node serve``: wires listener, HTTP server, completion, workers and exporter together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from pacs_node.completion import CompletionScanner
+from pacs_node.config import NodeConfig
+from pacs_node.exporter import Exporter
+from pacs_node.http import HttpServer, Response, Router
+from pacs_node.index import Index
+from pacs_node.ingest import Ingest
+from pacs_node.jobs import JobQueue
+from pacs_node.listener import Listener
+from pacs_node.spool import Spool
+from pacs_node.stow import StowService
+from pacs_node.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class NodeServer:
+    """All parts of a running node; :meth:`start` returns once everything listens.
+
+    Attributes for extensions (dashboard, metrics): ``cfg``, ``spool``, ``index``,
+    ``jobs``, ``ingest``, ``listener``, ``router``, ``http``, ``workers``, ``exporter``.
+    """
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        data = Path(cfg.spool.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data
+        self.spool = Spool(data, cfg.spool.min_free_mb)
+        self.index = Index(data / "index.sqlite")
+        self.jobs = JobQueue(self.index)
+        self.ingest = Ingest(
+            self.spool, self.index,
+            max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
+            max_instances_per_study=cfg.listener.max_instances_per_study,
+        )
+        self.listener = Listener(cfg.listener, self.ingest)
+        self.router = Router()
+        StowService(self.ingest).register(self.router)
+        self.router.add("GET", r"/health", self._health, auth=False)
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token)
+        calling_ae = cfg.export.calling_ae_title or cfg.listener.ae_title
+        self.exporter = Exporter(self.jobs, cfg.export, calling_ae)
+        self.workers = WorkerPool(
+            self.jobs, self.spool, data / "results", cfg.processing,
+            destinations=[d.name for d in cfg.export.destinations],
+            process_spec=cfg.worker.process_function, workers=cfg.worker.workers,
+            torch_threads=cfg.worker.torch_threads, on_processed=self.exporter.wake,
+        )
+        self.completion = CompletionScanner(self.index, self.jobs, cfg.spool.stable_age_s,
+                                            on_queued=self.workers.wake)
+        self._started = False
+
+    def _health(self, request) -> Response:
+        ok_disk = self.spool.free_mb() >= self.spool.min_free_mb
+        body = {"listener": self.listener._server is not None, "worker": self.workers.alive(),
+                "disk_ok": ok_disk, "spool_free_mb": round(self.spool.free_mb(), 1)}
+        return Response.json(body, 200 if all((body["listener"], body["worker"], ok_disk)) else 503)
+
+    @property
+    def dimse_port(self) -> int:
+        return self.listener.port
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    def start(self) -> None:
+        """Start workers, exporter, completion scanner, then the listeners."""
+        self.workers.start()
+        self.exporter.start()
+        self.completion.start()
+        self.listener.start()
+        self.http.start()
+        self._started = True
+        log.info("igtv-node ready: DIMSE %s@%s:%d, HTTP %s:%d, data in %s", self.cfg.listener.ae_title,
+                 self.cfg.listener.host, self.dimse_port, self.cfg.http.host, self.http_port, self.data_dir)
+
+    def stop(self) -> None:
+        """Stop accepting first, then background work; unfinished jobs resume on the next start."""
+        if not self._started:
+            return
+        self._started = False
+        for part in (self.listener, self.http, self.completion, self.workers, self.exporter):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(part).__name__)
+        self.index.close()
+        log.info("igtv-node stopped")
+
+
+def run_server(cfg: NodeConfig) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    node = NodeServer(cfg)
+    stop = threading.Event()
+
+    def _signal(signum, frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    old = {s: signal.signal(s, _signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    node.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,216 @@
+"""Durable spool of received instances.
+
+Layout under ``data_dir``::
+
+    spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received instances
+    spool/.tmp/                                         partial writes (same file system)
+    quarantine/<StudyUID>/...  + REASON.txt             inputs of failed jobs (never deleted)
+
+A write is durable before it is acknowledged: temporary file, ``fsync``,
+``rename`` into place, ``fsync`` of the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.errors import IgtvError
+from pipeline.uids import validate_uid
+
+log = logging.getLogger(__name__)
+
+
+class SpoolError(IgtvError):
+    """The spool cannot take or move data."""
+
+
+class SpoolFullError(SpoolError):
+    """Free space is below the configured watermark: the instance is refused (0xA700)."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an instance landed and whether it was already there."""
+
+    path: Path
+    duplicate: bool
+    size: int
+
+
+def _free_mb(path: Path) -> float:
+    """Free megabytes on the file system holding ``path``."""
+    return shutil.disk_usage(path).free / (1024 * 1024)
+
+
+def fsync_dir(path: Path) -> None:
+    """``fsync`` a directory so a rename inside it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable, idempotent file store of received DICOM instances.
+
+    Parameters
+    ----------
+    data_dir:
+        The node's data folder; ``spool/`` and ``quarantine/`` are created in it.
+    min_free_mb:
+        Refuse new instances when less space than this is free.
+    free_mb:
+        Function returning the free megabytes of a path (patchable in tests).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        min_free_mb: float = 500.0,
+        free_mb: Callable[[Path], float] = _free_mb,
+    ) -> None:
+        self.root = Path(data_dir) / "spool"
+        self.quarantine_root = Path(data_dir) / "quarantine"
+        self.tmp = self.root / ".tmp"
+        self.min_free_mb = float(min_free_mb)
+        self._free_mb = free_mb
+        for d in (self.root, self.quarantine_root, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        """Remove partial writes left by a crash (they were never acknowledged)."""
+        for p in self.tmp.iterdir():
+            try:
+                p.unlink()
+            except OSError:  # pragma: no cover - best effort
+                pass
+
+    # -- paths ----------------------------------------------------------------
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Final path of an instance; every UID is validated before it becomes a name."""
+        validate_uid(study_uid, "StudyInstanceUID")
+        validate_uid(series_uid, "SeriesInstanceUID")
+        validate_uid(sop_uid, "SOPInstanceUID")
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def study_dir(self, study_uid: str) -> Path:
+        """Spool folder of a study (may not exist)."""
+        return self.root / validate_uid(study_uid, "StudyInstanceUID")
+
+    def quarantine_dir(self, study_uid: str) -> Path:
+        """Quarantine folder of a study (may not exist)."""
+        return self.quarantine_root / validate_uid(study_uid, "StudyInstanceUID")
+
+    def study_files(self, study_uid: str) -> list[Path]:
+        """All instance files of a study in the spool, sorted."""
+        d = self.study_dir(study_uid)
+        return sorted(d.rglob("*.dcm")) if d.is_dir() else []
+
+    def free_mb(self) -> float:
+        """Free megabytes on the spool's file system."""
+        return self._free_mb(self.root)
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        """Raise :class:`SpoolFullError` when the watermark would be crossed."""
+        free = self.free_mb()
+        if free - incoming_bytes / (1024 * 1024) < self.min_free_mb:
+            raise SpoolFullError(
+                f"spool {self.root}: {free:.0f} MB free, below the {self.min_free_mb:.0f} MB watermark; "
+                "free disk space or lower spool.min_free_mb"
+            )
+
+    # -- writing --------------------------------------------------------------
+    def store(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
+        """Write one instance durably; return once it is on disk.
+
+        An instance already in the spool with the same SOP Instance UID is
+        replaced atomically (the sender may resend a corrected version) and
+        reported as a duplicate.
+        """
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        self.check_space(len(data))
+        duplicate = final.exists()
+        new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, final)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+            raise
+        fsync_dir(final.parent)
+        for d in new_dirs:  # make the new directory entries themselves durable
+            fsync_dir(d.parent)
+        return StoredInstance(path=final, duplicate=duplicate, size=len(data))
+
+    # -- quarantine -------------------------------------------------------------
+    def quarantine(self, study_uid: str, reason: str) -> Path:
+        """Move a study's spooled files into quarantine with a reason file (never deletes).
+
+        Files already in quarantine for the same study are kept; newer copies
+        of the same instance replace older ones.
+        """
+        src = self.study_dir(study_uid)
+        dst = self.quarantine_dir(study_uid)
+        dst.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            _merge_move(src, dst)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with open(dst / "REASON.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} {reason}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(dst)
+        fsync_dir(self.root)
+        log.info("study %s quarantined: %s", study_uid, reason)
+        return dst
+
+    def restore(self, study_uid: str) -> int:
+        """Move a quarantined study's instances back into the spool (a late instance re-opened it).
+
+        The reason file stays in quarantine as history. Returns the number of files moved.
+        """
+        src = self.quarantine_dir(study_uid)
+        if not src.is_dir():
+            return 0
+        moved = _merge_move(src, self.study_dir(study_uid), skip={"REASON.txt"})
+        fsync_dir(self.root)
+        return moved
+
+
+def _merge_move(src: Path, dst: Path, skip: set[str] | None = None) -> int:
+    """Move every file under ``src`` into the same relative place under ``dst``."""
+    moved = 0
+    for path in sorted(src.rglob("*")):
+        if not path.is_file() or (skip and path.name in skip):
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        moved += 1
+    for d in sorted((p for p in src.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    if src.is_dir() and not any(src.iterdir()):
+        src.rmdir()
+    if dst.is_dir():
+        fsync_dir(dst)
+    return moved

@@ -1,0 +1,1 @@
+"""Synthetic thorax PET/CT studies with breathing motion and GTV/IGTV truth."""

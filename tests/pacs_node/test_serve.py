@@ -1,0 +1,111 @@
+"""The whole node: storescu in, worker process, results out to a dcmtk storescp; CLI serve; restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from conftest import node_config
+from nodetest_helpers import echoscu, free_port, make_study, storescu, wait_for, wait_port
+from pacs_node.config import Destination
+
+pytestmark = pytest.mark.peers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _done_job(node, study_uid, timeout=60):
+    def done():
+        jobs = node.jobs.jobs_of_study(study_uid)
+        return jobs and jobs[-1].state in ("done", "failed") and jobs[-1]
+    return wait_for(done, timeout, what=f"job of study {study_uid} to finish")
+
+
+def test_study_in_results_out(tmp_path, node_factory, storescp):
+    dest = Destination(name="pacs", kind="dimse", ae_title="DEST", host="127.0.0.1", port=storescp.port)
+    node = node_factory(node_config(tmp_path / "data", export__destinations=[dest]))
+    study = make_study(tmp_path / "s", n_ct=5, n_pet=3)
+    rle = make_study(tmp_path / "rle", n_ct=2, n_pet=0, rle_ct=True, study_uid=study.study_uid)
+    assert storescu(node.dimse_port, study.files).returncode == 0
+    assert storescu(node.dimse_port, rle.ct_files, extra=["-xr"]).returncode == 0
+    job = _done_job(node, study.study_uid)
+    assert job.state == "done", job.reason
+    arrived = {dcmread(p).SOPInstanceUID: dcmread(p) for p in storescp.files()}
+    assert set(arrived) == set(job.result_uids) and len(arrived) == 2
+    assert {d.Modality for d in arrived.values()} == {"SEG", "RTSTRUCT"}
+    assert all(d.StudyInstanceUID == study.study_uid for d in arrived.values())
+    (export,) = node.jobs.exports_of_job(job.id)
+    assert export["state"] == "done"
+    assert node.index.study(study.study_uid)["state"] == "processed"
+    # a late instance re-opens the study; the re-run gives the same result UIDs (replaces, not duplicates)
+    late = make_study(tmp_path / "late", n_ct=1, n_pet=0, study_uid=study.study_uid)
+    assert storescu(node.dimse_port, late.ct_files).returncode == 0
+    wait_for(lambda: len(node.jobs.jobs_of_study(study.study_uid)) == 2, 30, what="re-run job")
+    rerun = _done_job(node, study.study_uid)
+    assert rerun.id != job.id and rerun.state == "done"
+    assert sorted(rerun.result_uids) == sorted(job.result_uids)
+
+
+def test_failed_job_quarantines_inputs_with_reason(tmp_path, node_factory):
+    cfg = node_config(tmp_path / "data", worker__process_function="nodetest_helpers:failing_process")
+    node = node_factory(cfg)
+    study = make_study(tmp_path / "s", n_ct=3, n_pet=2)
+    assert storescu(node.dimse_port, study.files).returncode == 0
+    job = _done_job(node, study.study_uid)
+    assert job.state == "failed" and "slice spacing varies" in job.reason
+    q = node.spool.quarantine_dir(study.study_uid)
+    assert len(list(q.rglob("*.dcm"))) == 5
+    assert "slice spacing varies" in (q / "REASON.txt").read_text()
+    assert node.index.study(study.study_uid)["reason"] == job.reason
+
+
+def test_cli_serve_answers_echoscu_and_stops_on_sigterm(tmp_path):
+    port, http_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{Path(__file__).parent}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs_node", "serve", "--port", str(port), "--http-port", str(http_port),
+         "--data-dir", str(tmp_path / "data"), "--allow-aet", "ECHOSCU"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_port(port, 30)
+        res = echoscu(port)
+        assert res.returncode == 0, res.stderr
+        assert echoscu(port, aet="OTHER").returncode != 0
+        res = subprocess.run([sys.executable, "-m", "pacs_node", "echo", f"IGTV@127.0.0.1:{port}",
+                              "--ae-title", "ECHOSCU"], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "success" in res.stdout, res.stdout + res.stderr
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "igtv-node stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_restart_resumes_a_running_job(tmp_path, node_factory):
+    data = tmp_path / "data"
+    cfg = node_config(data, spool__stable_age_s=0.5)
+    from pacs_node.server import NodeServer
+
+    node = NodeServer(cfg)
+    node.workers.start = lambda: None  # a node that receives but never processes (crash before the job runs)
+    node.start()
+    study = make_study(tmp_path / "s", n_ct=3, n_pet=2)
+    assert storescu(node.dimse_port, study.files).returncode == 0
+    wait_for(lambda: node.jobs.jobs_of_study(study.study_uid), 20, what="job queued")
+    claimed = node.jobs.claim()  # the job was running when the node died
+    assert claimed.state == "running"
+    node.stop()
+    node2 = node_factory(node_config(data))
+    job = _done_job(node2, study.study_uid)
+    assert job.id == claimed.id and job.state == "done", job.reason
+    assert job.attempts == 2 and len(job.result_uids) == 2
