@@ -59,7 +59,7 @@ class NetConfig:
     """
 
     slices: int = 5
-    widths: tuple[int, int, int, int] = (16, 32, 64, 96)
+    widths: tuple[int, int, int, int] = (8, 16, 32, 64)
     depths: tuple[int, int, int, int] = (1, 1, 1, 1)
     use_sim: bool = True
     shared_encoders: bool = False
@@ -288,41 +288,69 @@ class SimMamba(nn.Module):
         encs = [self.encoder] if self.cfg.shared_encoders else [self.pet_encoder, self.ct_encoder]
         return {name: [getattr(e, name) for e in encs] for name in ("stem", "stage1", "stage2", "stage3")}
 
-    def _fold(self, feats: torch.Tensor, b: int, which: int) -> torch.Tensor:
-        """(B*K, C, h, w) per-slice features -> (B, C, h, w) centre-slice features."""
-        k = self.cfg.slices
-        if k == 1:
-            return feats
-        x = feats.reshape(b, k, *feats.shape[1:])
-        return (self.slices0 if which == 0 else self.slices1)(x)
+    def encode_planes(self, planes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-slice stages of (M, 2, H, W) planes -> (fused 1/2, fused 1/4, PET 1/4, CT 1/4) features.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2, K, H, W) -> logits (B, 1, H, W)."""
-        b, m, k, h, w = x.shape
-        if m != 2 or k != self.cfg.slices:
-            raise ValueError(f"expected input (B, 2, {self.cfg.slices}, H, W), got {tuple(x.shape)}")
-        if h % 16 or w % 16:
-            raise ValueError(f"H and W must be multiples of 16, got {h}x{w}")
+        Every plane is encoded independently (eval-mode BatchNorm), so a plane
+        shared by several stacks can be encoded once (see :meth:`forward_planes`).
+        """
         enc_p, enc_c = self._encoders()
-        pet = x[:, 0].reshape(b * k, 1, h, w)
-        ct = x[:, 1].reshape(b * k, 1, h, w)
+        pet, ct = planes[:, 0:1], planes[:, 1:2]
         if self.cfg.shared_encoders:
             pet = pet + self.modality_embed[0]
             ct = ct + self.modality_embed[1]
         p0, c0 = enc_p.stem(pet), enc_c.stem(ct)
         p1, c1 = enc_p.stage1(p0), enc_c.stage1(c0)
-        s0 = self._fold(self.fuse0(torch.cat([p0, c0], dim=1)), b, 0)
-        s1 = self._fold(self.fuse1(torch.cat([p1, c1], dim=1)), b, 1)
-        centre = slice(k // 2, None, k)  # the centre slice of every stack in the (B*K) batch
-        p2, c2 = enc_p.stage2(p1[centre]), enc_c.stage2(c1[centre])
+        return self.fuse0(torch.cat([p0, c0], dim=1)), self.fuse1(torch.cat([p1, c1], dim=1)), p1, c1
+
+    def _head(self, s0: torch.Tensor, s1: torch.Tensor, p1: torch.Tensor, c1: torch.Tensor,
+              centre: torch.Tensor) -> torch.Tensor:
+        """Slice folding, centre-slice stages, decoder. s0, s1: (B, K, C, h, w); p1, c1, centre: (B, ...)."""
+        k = self.cfg.slices
+        if k == 1:
+            s0, s1 = s0[:, 0], s1[:, 0]
+        else:
+            s0, s1 = self.slices0(s0), self.slices1(s1)
+        enc_p, enc_c = self._encoders()
+        p2, c2 = enc_p.stage2(p1), enc_c.stage2(c1)
         p2, c2, f2 = self.cross2(p2, c2)
         p3, c3 = enc_p.stage3(p2), enc_c.stage3(c2)
         _, _, f3 = self.cross3(p3, c3)
         y = self.up2(f3, f2)
         y = self.up1(y, s1)
         y = self.up0(y, s0)
-        y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-        return self.refine(torch.cat([y, x[:, :, k // 2]], dim=1))
+        y = F.interpolate(y, size=centre.shape[-2:], mode="bilinear", align_corners=False)
+        return self.refine(torch.cat([y, centre], dim=1))
+
+    def _check(self, k: int, h: int, w: int, m: int = 2) -> None:
+        if m != 2 or k != self.cfg.slices:
+            raise ValueError(f"expected input (B, 2, {self.cfg.slices}, H, W), got K={k} with {m} channels")
+        if h % 16 or w % 16:
+            raise ValueError(f"H and W must be multiples of 16, got {h}x{w}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2, K, H, W) -> logits (B, 1, H, W)."""
+        b, m, k, h, w = x.shape
+        self._check(k, h, w, m)
+        planes = x.transpose(1, 2).reshape(b * k, 2, h, w)
+        s0, s1, p1, c1 = self.encode_planes(planes)
+        centre = slice(k // 2, None, k)  # the centre slice of every stack in the (B*K) batch
+        return self._head(
+            s0.reshape(b, k, *s0.shape[1:]), s1.reshape(b, k, *s1.shape[1:]), p1[centre], c1[centre],
+            x[:, :, k // 2],
+        )
+
+    def forward_planes(self, planes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits of stacks given as shared planes: stack i is ``planes[index[i]]`` (index (B, K)).
+
+        The same result as ``forward(planes[index].transpose(1, 2))`` with each plane
+        encoded once; used for whole-study inference where stacks overlap.
+        """
+        b, k = index.shape
+        self._check(k, *planes.shape[-2:], planes.shape[1])
+        s0, s1, p1, c1 = self.encode_planes(planes)
+        mid = index[:, k // 2]
+        return self._head(s0[index], s1[index], p1[mid], c1[mid], planes[mid])
 
 
 def build_network(cfg: NetConfig | dict[str, Any] | None = None) -> SimMamba:

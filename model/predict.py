@@ -71,9 +71,36 @@ class Predictor:
             raise ValueError(f"expected inputs (N, 2, {k}, H, W), got {inputs.shape}")
         n = inputs.shape[0]
         out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
+        layout = shared_plane_layout(inputs) if k > 1 and n > 1 else None
         with torch.inference_mode():
+            if layout is not None:
+                planes, index = layout
+                for s in range(0, n, batch_size):
+                    idx = index[s : s + batch_size]
+                    lo, hi = int(idx.min()), int(idx.max()) + 1
+                    x = torch.from_numpy(np.ascontiguousarray(planes[lo:hi], dtype=np.float32))
+                    logits = self.network.forward_planes(x.to(self.device), torch.from_numpy(idx - lo).to(self.device))
+                    out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+                return out
             for s in range(0, n, batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(inputs[s : s + batch_size], dtype=np.float32))
                 logits = self.network(x.to(self.device))
                 out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
         return out
+
+
+def shared_plane_layout(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Planes and (N, K) index when consecutive stacks share K-1 planes, else None.
+
+    Recognises stacks from a sliding window over slices in either slice order
+    (``StackSet.inputs``), so each plane is encoded once instead of K times.
+    """
+    n, _, k = inputs.shape[:3]
+    steps = np.arange(n)[:, None]
+    if np.array_equal(inputs[1:, :, :-1], inputs[:-1, :, 1:]):
+        planes = np.concatenate([inputs[:, :, 0], inputs[-1, :, 1:].transpose(1, 0, 2, 3)], axis=0)
+        return planes, (steps + np.arange(k)[None]).astype(np.int64)
+    if np.array_equal(inputs[1:, :, 1:], inputs[:-1, :, :-1]):
+        planes = np.concatenate([inputs[:, :, -1], inputs[-1, :, :-1][:, ::-1].transpose(1, 0, 2, 3)], axis=0)
+        return planes, (steps + np.arange(k)[None, ::-1]).astype(np.int64)
+    return None

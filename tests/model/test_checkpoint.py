@@ -98,3 +98,21 @@ def test_missing_or_mismatched_files(tmp_path):
 def test_shipped_info_is_a_line():
     info = shipped_checkpoint_info()
     assert isinstance(info, str) and "\n" not in info
+
+
+def test_shared_planes_give_the_same_probabilities(tmp_path):
+    """Whole-study inference encodes each plane once; results equal the plain path."""
+    from model.predict import shared_plane_layout
+
+    _, path = _saved(tmp_path)
+    pred = Predictor.load(path)
+    rng = np.random.default_rng(0)
+    planes = rng.normal(size=(9, 2, 32, 32)).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(planes, 3, axis=0)  # (7, 2, 32, 32, 3)
+    for inputs in (np.moveaxis(windows, -1, 2), np.moveaxis(windows, -1, 2)[:, :, ::-1]):
+        assert shared_plane_layout(inputs) is not None
+        fast = pred.predict(inputs, batch_size=3)
+        plain = np.stack([pred.predict(np.ascontiguousarray(inputs[i : i + 1]))[0] for i in range(len(inputs))])
+        np.testing.assert_allclose(fast, plain, atol=1e-5)
+    shuffled = np.moveaxis(windows, -1, 2)[[0, 2, 1]]
+    assert shared_plane_layout(shuffled) is None

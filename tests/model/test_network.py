@@ -53,4 +53,4 @@ def test_config_round_trip_and_summary():
 
 def test_default_model_is_small():
     """The default must stay CPU-friendly (see docs/model_card.md)."""
-    assert count_parameters(build_network(NetConfig())) < 2_000_000
+    assert count_parameters(build_network(NetConfig())) < 1_000_000
