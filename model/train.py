@@ -78,9 +78,9 @@ class TrainConfig:
     """Hyper-parameters of one training run (stored in checkpoint metadata)."""
 
     epochs: int = 20
-    samples_per_epoch: int = 800
+    samples_per_epoch: int = 400
     batch_size: int = 8
-    patch: int = 96
+    patch: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5

@@ -50,7 +50,7 @@ class TrainRequest:
     val_fraction: float = 0.2
     resume: bool = False
     lr: float | None = None
-    samples_per_epoch: int = 800
+    samples_per_epoch: int = 400
     batch_size: int = 8
     threads: int = 2
     architecture: dict[str, Any] | None = None
