@@ -29,6 +29,11 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Third-party libraries narrate every attribute they copy or PDU they see at INFO;
+    # keep them to warnings unless the operator asked for DEBUG.
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("highdicom", "pynetdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(exc: Exception) -> None:
@@ -145,7 +150,8 @@ def demo(
         code = run_replay(study, out / "results", [], NodeConfig())
     except IgtvError as exc:
         _fail(exc)
-    typer.echo(f"Results in {(out / 'results').resolve()}")
+    if code == 0:
+        typer.echo(f"Results in {(out / 'results').resolve()}")
     raise typer.Exit(code=code)
 
 
