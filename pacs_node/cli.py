@@ -29,6 +29,11 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Third-party libraries narrate every attribute they copy or PDU they see at INFO;
+    # keep them to warnings unless the operator asked for DEBUG.
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("highdicom", "pynetdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(exc: Exception) -> None:
@@ -61,6 +66,7 @@ def synth(
     motion: str = typer.Option("breathing", help="'breathing' (IGTV studies) or 'static' (GTV studies for pre-training)."),
     small: bool = typer.Option(False, help="Reduced-size studies (fast, for tests)."),
     amplitude: float | None = typer.Option(None, help="Tumour SI breathing amplitude in mm (default: drawn per lobe)."),
+    amplitude_range: str | None = typer.Option(None, help="Draw the SI amplitude from 'LOW,HIGH' mm for every lobe."),
     diameter: float | None = typer.Option(None, help="Tumour diameter in mm (default: drawn, 5-60)."),
     lesions: int = typer.Option(1, help="Number of lung tumours."),
     lymph_nodes: bool = typer.Option(True, help="Add mediastinal/hilar lymph nodes (some FDG-avid)."),
@@ -70,20 +76,26 @@ def synth(
     pet_slice: float | None = typer.Option(None, help="PET slice spacing in mm."),
 ) -> None:
     """Generate synthetic thorax PET/CT studies as DICOM files with GTV/IGTV truth."""
-    from pipeline.synth.generate import SynthOptions, generate_studies
-
     from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
 
     _setup_logging("WARNING")
     try:
-        offset = (0.0, 0.0, 0.0)
-        if pet_offset:
+        def numbers(text: str | None, count: int, flag: str) -> tuple[float, ...] | None:
+            if not text:
+                return None
             try:
-                offset = tuple(float(v) for v in pet_offset.split(","))
+                values = tuple(float(v) for v in text.split(","))
             except ValueError:
-                _fail(ValueError(f"--pet-offset must be X,Y,Z in mm, not {pet_offset!r}"))
+                values = ()
+            if len(values) != count:
+                _fail(ValueError(f"{flag} needs {count} comma-separated numbers (mm), not {text!r}"))
+            return values
+
+        offset = numbers(pet_offset, 3, "--pet-offset") or (0.0, 0.0, 0.0)
         options = SynthOptions(
             motion=motion, small=small, amplitude_mm=amplitude, diameter_mm=diameter, n_lesions=lesions,
+            amplitude_range_mm=numbers(amplitude_range, 2, "--amplitude-range"),
             lymph_nodes=lymph_nodes, feet_first=feet_first, compress=compress, pet_offset_mm=offset,
             pet_slice_mm=pet_slice,
         )
@@ -125,11 +137,10 @@ def demo(
     seed: int = typer.Option(1234, help="Seed of the synthetic study."),
 ) -> None:
     """The embedded default: synthesise one PET/CT study and replay it through the whole pipeline."""
-    from pipeline.synth.generate import SynthOptions, generate_studies
-
     from pacs_node.config import NodeConfig
     from pacs_node.replay import run_replay
     from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
 
     _setup_logging("INFO")
     try:
@@ -139,7 +150,8 @@ def demo(
         code = run_replay(study, out / "results", [], NodeConfig())
     except IgtvError as exc:
         _fail(exc)
-    typer.echo(f"Results in {(out / 'results').resolve()}")
+    if code == 0:
+        typer.echo(f"Results in {(out / 'results').resolve()}")
     raise typer.Exit(code=code)
 
 

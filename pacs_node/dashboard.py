@@ -30,9 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,8 @@ SECURITY_HEADERS = {
 }
 # Share of the work done when a job enters a state (for the progress bar).
 _STATE_PROGRESS = {"queued": 0.0, "running": 0.1, "exporting": 0.9, "done": 1.0, "failed": 1.0}
+# While running, the pipeline's own fraction (reported per stage by the worker process) spans this range.
+_RUNNING_PROGRESS = (0.1, 0.9)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -89,56 +90,24 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _find(data: Any, patterns: Iterable[str]) -> list[float]:
-    """Numbers anywhere in ``data`` under keys matching any regex of ``patterns``."""
-    regexes = [re.compile(p, re.IGNORECASE) for p in patterns]
-    found: list[float] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if any(r.fullmatch(str(key)) for r in regexes) and _number(value) is not None:
-                    found.append(float(value))
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(data)
-    return found
-
-
 def report_numbers(report: dict[str, Any] | None) -> dict[str, Any]:
-    """The headline numbers of a job report: IGTV volume, SUVmax, SI motion extent, lesion count.
+    """The headline numbers of a job report (``pipeline.writers.report`` schema).
 
-    The report keeps one entry per lesion (component) and may carry totals;
-    totals are used when present, otherwise lesion values are combined (volume
-    summed, SUVmax and SI extent as the maximum).
+    IGTV volume and SUVmax are the report's totals over all kept lesions; the
+    superior-inferior extent (the breathing motion the IGTV covers) is the
+    largest of the lesions' ``si_extent_mm``.
     """
     if not report:
         return {"igtv_volume_cc": None, "suv_max": None, "si_extent_mm": None, "lesions": None}
-    lesions = None
-    for key in ("lesions", "components", "targets"):
-        if isinstance(report.get(key), list):
-            lesions = report[key]
-            break
-    totals = {k: report[k] for k in ("total", "totals", "igtv", "summary") if isinstance(report.get(k), dict)}
-    volume = _find(totals, [r"(total_)?volume(_cc|_ml)?"]) or _find(lesions or [], [r"volume(_cc|_ml)?"])
-    suvmax = _find(totals, [r"suv_?max"]) or _find(lesions or [], [r"suv_?max"])
-    si = _find(totals, [r"si_?extent(_mm)?", r"extent_?si(_mm)?", r"motion_?extent(_mm)?"]) or _find(
-        lesions or [], [r"si_?extent(_mm)?", r"extent_?si(_mm)?", r"motion_?extent(_mm)?"]
-    )
-    if not si:  # extents given as {"si": .., "ap": .., "lr": ..}
-        for lesion in lesions or []:
-            ext = lesion.get("extent_mm") if isinstance(lesion, dict) else None
-            if isinstance(ext, dict) and _number(ext.get("si")) is not None:
-                si.append(float(ext["si"]))
+    total = report.get("total") if isinstance(report.get("total"), dict) else {}
+    lesions = [x for x in report.get("lesions") or [] if isinstance(x, dict)]
+    extents = [v for v in (_number(x.get("si_extent_mm")) for x in lesions) if v is not None]
+    count = report.get("lesion_count")
     return {
-        "igtv_volume_cc": round(sum(volume), 3) if volume and not totals else (volume[0] if volume else None),
-        "suv_max": max(suvmax) if suvmax else None,
-        "si_extent_mm": max(si) if si else None,
-        "lesions": len(lesions) if lesions is not None else None,
+        "igtv_volume_cc": _number(total.get("volume_cc")),
+        "suv_max": _number(total.get("suv_max")),
+        "si_extent_mm": max(extents) if extents else None,
+        "lesions": int(count) if isinstance(count, int) else len(lesions),
     }
 
 
@@ -191,7 +160,7 @@ class Dashboard:
             router.add("GET", r"/metrics", self.metrics_text, auth=False)
         router.add("GET", r"/api/summary", self.summary)
         router.add("GET", r"/api/studies", self.studies)
-        router.add("GET", r"/api/studies/(?P<uid>[0-9.]+)", self.study)
+        router.add("GET", r"/api/studies/(?P<study_uid>[0-9.]+)", self.study)
         router.add("GET", r"/api/jobs", self.job_list)
         router.add("GET", r"/api/jobs/(?P<id>[0-9]+)", self.job)
         router.add("GET", r"/api/jobs/(?P<id>[0-9]+)/preview\.png", self.preview)
@@ -257,7 +226,7 @@ class Dashboard:
 
     def study(self, request: Request) -> Response:
         """One study with its series and all its jobs."""
-        uid = request.params["uid"]
+        uid = request.params["study_uid"]
         row = self.index.study(uid) if is_valid_uid(uid) else None
         if row is None:
             return _error(404, f"study {uid} is not in the index")
@@ -394,10 +363,16 @@ class Dashboard:
 
     def _job_view(self, row: dict[str, Any]) -> dict[str, Any]:
         report = _loads(row.get("report"), None)
-        timings = report.get("timings") if isinstance(report, dict) and isinstance(report.get("timings"), dict) else {}
+        timings = report.get("timings_s") if isinstance(report, dict) else None
+        if not isinstance(timings, dict):  # still running: the stages the worker process finished so far
+            timings = _loads(row.get("stage_timings"), None)
+        timings = timings if isinstance(timings, dict) else {}
         started, finished = row.get("started"), row.get("finished")
         end = finished or (time.time() if row["state"] in ("running", "exporting") else None)
         progress = _STATE_PROGRESS.get(row["state"], 0.0)
+        stage_fraction = _number(row.get("stage_fraction"))
+        if row["state"] == "running" and stage_fraction is not None:
+            progress = _RUNNING_PROGRESS[0] + (_RUNNING_PROGRESS[1] - _RUNNING_PROGRESS[0]) * stage_fraction
         if row["state"] == "exporting":
             exports = self.jobs.exports_of_job(row["id"])
             if exports:
@@ -413,6 +388,8 @@ class Dashboard:
             "finished": finished,
             "elapsed_s": round(end - started, 3) if started and end else None,
             "progress": round(progress, 3),
+            "stage": row.get("stage") if row["state"] == "running" else None,
+            "stage_fraction": stage_fraction,
             "timings": timings,
             "numbers": report_numbers(report if isinstance(report, dict) else None),
             "has_preview": self._output(row, "preview.png") is not None,

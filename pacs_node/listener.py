@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -76,6 +77,9 @@ class Listener:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
             *(extra_handlers or []),
         ]
         self._server: Any = None
@@ -115,6 +119,24 @@ class Listener:
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
 
+    def _peer(self, event: Any) -> dict[str, str]:
+        rq = event.assoc.requestor
+        called = getattr(rq.primitive, "called_ae_title", None) or event.assoc.acceptor.ae_title
+        return {"calling_ae": str(rq.ae_title).strip(), "called_ae": str(called).strip(),
+                "peer": f"{rq.address}:{rq.port}"}
+
+    def _on_accepted(self, event: Any) -> None:
+        self.ingest.events.emit("association_accepted", **self._peer(event))
+
     def _on_rejected(self, event: Any) -> None:
-        requestor = event.assoc.requestor
-        log.warning("association from %s (%s) rejected", str(requestor.ae_title).strip(), requestor.address)
+        peer = self._peer(event)
+        reason = "rejected"
+        if self.cfg.allow_aet and peer["calling_ae"] not in self.cfg.allow_aet:
+            reason = "calling AE title not allowed"
+        elif self.cfg.require_called_aet and peer["called_ae"] != self.cfg.ae_title:
+            reason = "called AE title is not ours"
+        log.warning("association from %s (%s) rejected: %s", peer["calling_ae"], peer["peer"], reason)
+        self.ingest.events.emit("association_rejected", reason=reason, **peer)
+
+    def _on_ended(self, event: Any) -> None:
+        self.ingest.events.emit("association_ended", **self._peer(event))

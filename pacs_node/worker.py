@@ -9,17 +9,23 @@ process imports the processing function (``module:function``, by default
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import multiprocessing
 import os
+import sqlite3
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pacs_node.jobs import Job, JobQueue
+from pacs_node.events import NodeEvents
+from pacs_node.index import Index
+from pacs_node.jobs import Job, JobQueue, stage_timings
 from pacs_node.spool import Spool
 from pipeline.errors import IgtvError, PipelineError
 from pipeline.settings import ProcessSettings
@@ -48,9 +54,56 @@ def load_process_function(spec: str) -> Callable[..., Any]:
         raise WorkerError(f"{module_name} has no function {attr!r}") from None
 
 
-def run_study(process_spec: str, paths: list[str], out_dir: str, settings: ProcessSettings) -> dict[str, Any]:
+class JobProgress:
+    """Progress callback ``(stage, fraction)`` that writes a job's stage into the index.
+
+    Built in the node process and pickled to the worker process, where it
+    opens its own connection to the (WAL) index on the first call. It keeps
+    the seconds of each stage that ended (a stage ends when the next begins).
+    """
+
+    def __init__(self, index_path: str, job_id: int) -> None:
+        self.index_path = str(index_path)
+        self.job_id = int(job_id)
+        self._queue: JobQueue | None = None
+        self._stage: str | None = None
+        self._since = 0.0
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            if self._stage is not None:
+                self.timings[self._stage] = round(now - self._since, 3)
+            self._stage, self._since = stage, now
+        try:
+            if self._queue is None:
+                self._queue = JobQueue(Index(Path(self.index_path)))
+            self._queue.set_progress(self.job_id, stage, fraction, self.timings)
+        except (sqlite3.Error, IgtvError, OSError) as exc:  # progress is informative: never fail the job
+            log.warning("job %d: cannot record progress (%s): %s", self.job_id, stage, exc)
+
+    def close(self) -> None:
+        """Close the index connection (in the process that used it)."""
+        if self._queue is not None:
+            self._queue.index.close()
+            self._queue = None
+
+
+def _takes_progress(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` accepts a ``progress`` keyword (process_study does; simple stand-ins may not)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def run_study(process_spec: str, paths: list[str], out_dir: str, settings: ProcessSettings,
+              progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
     """Process one study and return plain data (runs in the worker process, or in-process for replay).
 
+    ``progress(stage, fraction)`` is passed on to a processing function that takes it.
     Returns ``{"ok": True, ...result}`` or ``{"ok": False, "reason": ..., "expected": bool}``;
     ``expected`` is True for the pipeline's bad-input errors (no stack trace needed).
     """
@@ -58,7 +111,8 @@ def run_study(process_spec: str, paths: list[str], out_dir: str, settings: Proce
 
     try:
         process = load_process_function(process_spec)
-        result = process([Path(p) for p in paths], Path(out_dir), settings)
+        extra = {"progress": progress} if progress is not None and _takes_progress(process) else {}
+        result = process([Path(p) for p in paths], Path(out_dir), settings, **extra)
     except PipelineError as exc:
         return {"ok": False, "reason": str(exc), "expected": True, "error": type(exc).__name__}
     except IgtvError as exc:
@@ -66,6 +120,10 @@ def run_study(process_spec: str, paths: list[str], out_dir: str, settings: Proce
     except Exception as exc:  # a bug or a broken input the pipeline did not anticipate
         return {"ok": False, "reason": f"internal error: {type(exc).__name__}: {exc}", "expected": False,
                 "error": type(exc).__name__, "traceback": traceback.format_exc()}
+    finally:
+        close = getattr(progress, "close", None)
+        if callable(close):
+            close()
     dicom_outputs = [str(p) for p in result.dicom_outputs]
     return {
         "ok": True,
@@ -121,11 +179,15 @@ class WorkerPool:
         Number of worker processes; thread limit inside each.
     on_processed:
         Called after a job's results are recorded (wakes the exporter).
+    events:
+        Receives job_started and job_finished (the job queue emits job_done and job_failed).
     """
 
     def __init__(self, jobs: JobQueue, spool: Spool, results_dir: Path, settings: ProcessSettings,
                  destinations: list[str], process_spec: str, workers: int = 1, torch_threads: int = 0,
-                 poll_s: float = 0.5, on_processed: Callable[[], None] | None = None) -> None:
+                 poll_s: float = 0.5, on_processed: Callable[[], None] | None = None,
+                 events: NodeEvents | None = None) -> None:
+        self.events = events or NodeEvents()
         self.jobs = jobs
         self.spool = spool
         self.results_dir = Path(results_dir)
@@ -141,7 +203,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._pool_lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self.busy = 0
+        self._busy: set[int] = set()  # ids of jobs being processed now
 
     def _new_pool(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(
@@ -172,6 +234,10 @@ class WorkerPool:
         """A job was queued: look now instead of at the next poll."""
         self._wake.set()
 
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs being processed right now."""
+        return sorted(self._busy)
+
     def alive(self) -> bool:
         """True while the dispatcher threads run."""
         return any(t.is_alive() for t in self._threads)
@@ -201,7 +267,7 @@ class WorkerPool:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self.busy += 1
+            self._busy.add(job.id)
             try:
                 self._run(job)
             except Exception:
@@ -209,7 +275,7 @@ class WorkerPool:
                 if not self._stop.is_set():
                     self.jobs.fail(job.id, "internal error in the dispatcher; see the node log")
             finally:
-                self.busy -= 1
+                self._busy.discard(job.id)
 
     def _run(self, job: Job) -> None:
         restored = self.spool.restore(job.study_uid)
@@ -219,8 +285,12 @@ class WorkerPool:
         out_dir = self.results_dir / job.study_uid
         log.info("job %d: processing study %s (%d instances, attempt %d)", job.id, job.study_uid, len(paths),
                  job.attempts)
+        self.events.emit("job_started", job_id=job.id, study_uid=job.study_uid)
+        start = time.perf_counter()
         try:
-            future = self._get_pool().submit(run_study, self.process_spec, paths, str(out_dir), self.settings)
+            progress = JobProgress(str(self.jobs.index.path), job.id)
+            future = self._get_pool().submit(run_study, self.process_spec, paths, str(out_dir), self.settings,
+                                             progress)
             result = future.result()
         except (BrokenProcessPool, RuntimeError) as exc:
             if self._stop.is_set():
@@ -245,6 +315,11 @@ class WorkerPool:
             self.spool.quarantine(job.study_uid, result["reason"])
             self.jobs.fail(job.id, result["reason"])
             return
+        report = result.get("report") or {}
+        # before the queue records it: subscribers see job_finished ahead of the exports and job_done
+        self.events.emit("job_finished", job_id=job.id, study_uid=job.study_uid,
+                         seconds=time.perf_counter() - start, result_uids=result["result_uids"], report=report,
+                         timings=stage_timings(report))
         self.jobs.processed(job.id, result, self.destinations)
         if self.on_processed:
             self.on_processed()

@@ -7,6 +7,7 @@ grid -> post-processing -> DICOM-SEG, RTSTRUCT, preview PNG, JSON report.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -133,9 +134,7 @@ def process_study(
         del pet_suv
 
     if predictor is None:
-        from model.predict import Predictor
-
-        predictor = Predictor.load(settings.checkpoint, device=settings.device)
+        predictor = load_predictor(settings.checkpoint, settings.device)
 
     with timer.stage("stacks"):
         stackset = stacks.build_stacks(ct, pet_on_ct, predictor.preprocessing)
@@ -205,6 +204,14 @@ def process_study(
         "study processed: %d lesion(s), %.1f s total", len(components), timer.timings["total"]
     )
     return result
+
+
+@functools.lru_cache(maxsize=2)
+def load_predictor(checkpoint: Path | None, device: str) -> object:
+    """Load a checkpoint once per worker process (later studies reuse it)."""
+    from model.predict import Predictor
+
+    return Predictor.load(checkpoint, device=device)
 
 
 def node_version() -> str:

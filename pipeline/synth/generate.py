@@ -10,6 +10,8 @@ Folder layout of a written study::
     PT/PT0001.dcm ...      PET Image Storage (Bq/mL, decay corrected to series start)
     truth/seg_gtv.dcm      DICOM-SEG, one segment labelled "GTV" (tumour at the CT phase)
     truth/seg_igtv.dcm     DICOM-SEG, one segment labelled "IGTV" (union over the cycle)
+    truth/rtstruct_gtv.dcm   RT Structure Set, ROI "GTV" (same truth as contours)
+    truth/rtstruct_igtv.dcm  RT Structure Set, ROI "IGTV"
     truth/case.json        case parameters (seed, tumours, motion, SUVs, dose, geometry)
 """
 
@@ -202,7 +204,7 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
     if diameter is None and options.small:  # coarse test grids: keep the tumour several voxels wide
         diameter = float(r_les.uniform(18, 45))
     tumours = place_tumours(r_les, model, options.n_lesions, diameter, options.amplitude_mm, static,
-                            options.necrosis, (z_lo, z_hi))
+                            options.necrosis, (z_lo, z_hi), options.amplitude_range_mm)
     max_si = max(abs(float(t.amplitude_lps[2])) for t in tumours)
     dia_drawn = float(r_les.uniform(8, 22))
     dia_amp = 0.0 if static else max(1.15 * max_si, dia_drawn)
@@ -214,8 +216,8 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
 
     # truth on the CT grid
     t_ct = trace.ct_time_fraction
-    n_env = 1 if static else max(12, int(np.ceil(max_si / 0.4)) + 2)
-    times = np.concatenate([[t_ct], trace.envelope_times(n_env)]) if not static else np.array([t_ct])
+    max_path = max(float(np.linalg.norm(t.amplitude_lps)) for t in tumours)
+    times = np.array([t_ct]) if static else np.concatenate([[t_ct], trace.envelope_times(max_path)])
     gtv = np.zeros(ct_grid.shape, bool)
     igtv = np.zeros(ct_grid.shape, bool)
     box = tumour_box(tumours, ct_grid)
@@ -286,6 +288,10 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
         "tumours": [t.as_dict() | {"ct_displacement_mm": [float(v) for v in o]} for t, o in zip(tumours, offsets, strict=False)],
         "tumour_si_amplitude_mm": max_si,
         "gtv_volume_ml": float(gtv.sum() * vox),
+        "gtv_centroid_mm": _centroid(gtv, ct_grid),
+        "igtv_centroid_mm": _centroid(igtv, ct_grid),
+        "igtv_si_extent_mm": _si_extent(igtv, ct_grid),
+        "gtv_si_extent_mm": _si_extent(gtv, ct_grid),
         "igtv_volume_ml": float(igtv.sum() * vox),
         "lymph_nodes": model.p.nodes,
         "anatomy": model.p.as_dict(),
@@ -296,6 +302,21 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
     }
     return SyntheticStudy(seed, options, ct_hu, suv, ideal, gtv, igtv, ct_grid, pet_grid, case, ct_ds, pet_ds,
                           seg_gtv, seg_igtv)
+
+
+def _centroid(mask: np.ndarray, grid: Grid) -> list[float] | None:
+    """Patient-coordinate centroid (mm) of a mask on ``grid``."""
+    if not mask.any():
+        return None
+    x, y, z = grid.axes()
+    k, j, i = np.nonzero(mask)
+    return [float(x[i].mean()), float(y[j].mean()), float(z[k].mean())]
+
+
+def _si_extent(mask: np.ndarray, grid: Grid) -> float:
+    """Superior-inferior extent (mm, slice centres plus one slice) of a mask."""
+    z = grid.axes()[2][np.nonzero(mask.any(axis=(1, 2)))[0]]
+    return float(np.ptp(z) + grid.spacing[2]) if z.size else 0.0
 
 
 def _compress(datasets: list[Dataset], kind: str) -> None:

@@ -88,7 +88,7 @@ class Orthanc:
             wait_for(self._up, 30, 0.2, what="Orthanc to answer /system")
         except AssertionError:
             self.stop()
-            raise AssertionError("Orthanc did not start:\n" + (folder / "orthanc.log").read_text()[-3000:])
+            raise AssertionError("Orthanc did not start:\n" + (folder / "orthanc.log").read_text()[-3000:]) from None
 
     @property
     def url(self) -> str:

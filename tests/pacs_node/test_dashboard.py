@@ -21,19 +21,24 @@ from pacs_node.index import Index, InstanceRecord
 from pacs_node.ingest import patient_hash
 from pacs_node.jobs import JobQueue
 from pacs_node.metrics import NodeMetrics
+from pipeline.writers.report import build_report
 
 TOKEN = "test-token-0123456789"
 PATIENT_ID = "PAT-0042"
 STUDY = "1.2.826.0.1.3680043.8.498.1001"
 FAILED_STUDY = "1.2.826.0.1.3680043.8.498.1002"
-REPORT = {
-    "lesions": [
-        {"volume_cc": 12.5, "suv_max": 9.25, "suv_mean": 4.1, "extent_mm": {"si": 21.0, "ap": 30.0, "lr": 28.0}},
-        {"volume_cc": 1.5, "suv_max": 3.0, "suv_mean": 2.0, "extent_mm": {"si": 8.0, "ap": 9.0, "lr": 7.0}},
+# A report in the results' own format (built by the pipeline's report writer).
+REPORT = build_report(
+    [
+        {"volume_cc": 12.5, "suv_max": 9.25, "suv_mean": 4.1, "si_extent_mm": 21.0, "ap_extent_mm": 30.0,
+         "lr_extent_mm": 28.0, "centroid_mm": [1.0, 2.0, 3.0]},
+        {"volume_cc": 1.5, "suv_max": 3.0, "suv_mean": 2.0, "si_extent_mm": 8.0, "ap_extent_mm": 9.0,
+         "lr_extent_mm": 7.0, "centroid_mm": [5.0, 6.0, 7.0]},
     ],
-    "timings": {"load": 1.2, "inference": 7.5, "writers": 0.4},
-    "model": {"version": "test"},
-}
+    {"load": 1.2, "inference": 7.5, "writers": 0.4},
+    {"version": "test"},
+    {},
+)
 
 
 @dataclass
@@ -224,17 +229,24 @@ def test_summary_and_audit(node: DashboardNode) -> None:
     assert status == 200 and audit["events"][0]["event"] == "job_finished"
 
 
-@pytest.mark.parametrize(
-    ("report", "expected"),
-    [
-        (None, {"igtv_volume_cc": None, "suv_max": None, "si_extent_mm": None, "lesions": None}),
-        ({"lesions": []}, {"igtv_volume_cc": None, "suv_max": None, "si_extent_mm": None, "lesions": 0}),
-        (
-            {"components": [{"volume_cc": 2.0, "suvmax": 5.0, "si_extent_mm": 12.0}],
-             "total": {"volume_cc": 2.0}},
-            {"igtv_volume_cc": 2.0, "suv_max": 5.0, "si_extent_mm": 12.0, "lesions": 1},
-        ),
-    ],
-)
-def test_report_numbers_shapes(report: dict | None, expected: dict) -> None:
-    assert report_numbers(report) == expected
+def test_report_numbers_of_reports_without_a_target() -> None:
+    assert report_numbers(None) == {"igtv_volume_cc": None, "suv_max": None, "si_extent_mm": None, "lesions": None}
+    empty = build_report([], {"load": 1.0}, {"version": "test"}, {})
+    assert report_numbers(empty) == {"igtv_volume_cc": 0.0, "suv_max": None, "si_extent_mm": None, "lesions": 0}
+
+
+def test_every_api_route_and_metric_is_documented() -> None:
+    """docs/operations.md lists each route the dashboard registers and each metric the node exposes."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    router = Router()
+    metrics = NodeMetrics()
+    Dashboard(None, None, destinations=[], metrics=metrics, audit_path=Path("a")).register(router)
+    for route in router.routes:
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", route.pattern.pattern).replace("\\", "")
+        if path.startswith("/api") or path == "/metrics":
+            assert f"`{path}" in doc, f"{route.method} {path} is not documented in docs/operations.md"
+    for line in metrics.render().splitlines():
+        if line.startswith("# TYPE "):
+            assert f"`{line.split()[2]}`" in doc, f"metric {line.split()[2]} is not documented"

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from test_dashboard import STUDY, TOKEN, DashboardNode, build_node  # noqa: F401  (same folder)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,12 +7,12 @@ import json
 import urllib.request
 
 import pytest
-
 from conftest import node_config
 from nodetest_helpers import echoscu, make_study, storescu, wait_for
+from test_metrics import check_lines, parse
+
 from pacs_node.audit import read_events
 from pacs_node.config import Destination
-from test_metrics import check_lines, parse
 
 pytestmark = pytest.mark.peers
 TOKEN = "node-test-token"

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
 from conftest import node_config
 from nodetest_helpers import make_study, wait_for
 from orthanc_peer import Orthanc
+from pydicom import dcmread
+
 from pacs_node.config import Destination
 from pacs_node.export import send_dicomweb
 
@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.peers, pytest.mark.orthanc, pytest.mark.slow]
 
 @pytest.fixture
 def orthanc_and_node(tmp_path, node_factory):
-    from pacs_node.server import NodeServer  # noqa: F401 - node_factory builds it
-
     # The node must know Orthanc's port and Orthanc the node's: give the node a fixed free port first.
     from nodetest_helpers import free_port
+
+    from pacs_node.server import NodeServer  # noqa: F401 - node_factory builds it
 
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", node_aet="IGTV", node_port=node_port, stable_age=1)
@@ -39,7 +39,7 @@ def _check_results_in_orthanc(orthanc, study, result_uids):
     ct_uids = {dcmread(p).SOPInstanceUID for p in study.ct_files}
     modalities = set()
     for uid in result_uids:
-        instance_id = wait_for(lambda: orthanc.find_instance(uid), 20, what=f"{uid} in Orthanc")
+        instance_id = wait_for(lambda uid=uid: orthanc.find_instance(uid), 20, what=f"{uid} in Orthanc")
         ds = dcmread(io.BytesIO(orthanc.get(f"/instances/{instance_id}/file")))
         assert ds.StudyInstanceUID == study.study_uid  # the same study as the routed CT and PET
         modalities.add(ds.Modality)

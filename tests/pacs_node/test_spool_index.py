@@ -6,12 +6,17 @@ import os
 import threading
 
 import pytest
+from nodetest_helpers import make_study
 from pydicom import dcmread
 
-from nodetest_helpers import make_study
 from pacs_node import spool as spool_mod
 from pacs_node.index import Index
-from pacs_node.ingest import STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, Ingest, IngestRejected
+from pacs_node.ingest import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Ingest,
+    IngestRejected,
+)
 from pacs_node.spool import Spool, SpoolFullError
 from pipeline.errors import InvalidUidError
 

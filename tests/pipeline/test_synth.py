@@ -82,31 +82,34 @@ def test_igtv_contains_gtv_and_grows_with_amplitude(synthetic_study_object_facto
     assert 10.0 <= grown_mm <= 30.0
 
 
-def _tumour_profile(study) -> tuple[np.ndarray, np.ndarray]:
-    """Max noiseless SUV per PET slice inside the IGTV's x-y box, and the slice z positions."""
+def _mask_on_pet(study, mask: np.ndarray) -> np.ndarray:
+    """A CT-grid mask sampled (nearest neighbour) at the PET voxel centres (same frame, HFS)."""
     x, y, z = study.pet_grid.axes()
     cx, cy, cz = study.ct_grid.axes()
-    kk, jj, ii = np.nonzero(study.igtv)
-    xs = (x >= cx[ii].min() - 4) & (x <= cx[ii].max() + 4)
-    ys = (y >= cy[jj].min() - 4) & (y <= cy[jj].max() + 4)
-    block = study.pet_suv_ideal[:, ys][:, :, xs]
-    return block.max(axis=(1, 2)), z
+    pairs = ((z, cz), (y, cy), (x, cx))
+    idx = [np.clip(np.rint((p - c[0]) / (c[1] - c[0])).astype(int), 0, c.size - 1) for p, c in pairs]
+    iz, iy, ix = [(p >= c.min()) & (p <= c.max()) for p, c in pairs]
+    return mask[np.ix_(*idx)] & iz[:, None, None] & iy[None, :, None] & ix[None, None, :]
 
 
-def test_pet_is_motion_blurred_and_faint_at_si_extremes(synthetic_study_object_factory):
-    static = synthetic_study_object_factory(11, diameter_mm=20.0, motion="static", lymph_nodes=False)
-    moving = synthetic_study_object_factory(11, diameter_mm=20.0, amplitude_mm=20.0, lymph_nodes=False)
-    p_static, z = _tumour_profile(static)
-    p_moving, _ = _tumour_profile(moving)
-    # motion smears the uptake: the peak drops
-    assert p_moving.max() < 0.9 * p_static.max()
+@pytest.mark.parametrize("seed", [11, 14, 17])
+def test_pet_is_motion_blurred_and_faint_at_si_extremes(synthetic_study_object_factory, seed):
+    static = synthetic_study_object_factory(seed, diameter_mm=20.0, motion="static", lymph_nodes=False)
+    moving = synthetic_study_object_factory(seed, diameter_mm=20.0, amplitude_mm=20.0, lymph_nodes=False)
+    assert moving.case["tumours"][0]["abutting"] != "mediastinum"  # heart uptake would mask the effect
+    on_static = _mask_on_pet(static, static.igtv)
+    on_moving = _mask_on_pet(moving, moving.igtv)
+    peak_static = static.pet_suv_ideal[on_static].max()
+    peak_moving = moving.pet_suv_ideal[on_moving].max()
+    # motion smears the uptake over the IGTV: the peak drops
+    assert peak_moving < 0.8 * peak_static
     # at the inferior (inhale) end of the IGTV the tumour is rarely present: faint there
-    cz = moving.ct_grid.axes()[2]
-    z_inhale_end = cz[np.nonzero(moving.igtv.any(axis=(1, 2)))[0]].min() + 3.0
-    end = p_moving[np.argmin(np.abs(z - z_inhale_end))]
-    assert end < 0.6 * p_moving.max()
-    # ... whereas the static PET there shows background only, below the moving one
-    assert p_static[np.argmin(np.abs(z - z_inhale_end))] < end
+    z = moving.pet_grid.axes()[2]
+    lowest = z[np.nonzero(on_moving.any(axis=(1, 2)))[0]].min()
+    end = on_moving & (np.abs(z - lowest) < 1e-6)[:, None, None]
+    assert moving.pet_suv_ideal[end].max() < 0.6 * peak_moving
+    # the static PET there shows only lung background, the moving one a faint smear
+    assert static.pet_suv_ideal[end].max() < moving.pet_suv_ideal[end].max()
 
 
 def test_same_seed_gives_identical_pixels_and_uids():
@@ -139,7 +142,9 @@ def test_truth_seg_reads_back(small_study, synthetic_study_object_factory):
 @pytest.mark.parametrize("variant", [{}, {"feet_first": True, "compress": "rle", "pet_offset_mm": (12.0, -8.0, 20.0)}])
 def test_dciodvfy_reports_no_errors(synthetic_study_factory, variant):
     folder = synthetic_study_factory(5, **variant)
-    for f in (sorted((folder / "CT").glob("*.dcm"))[3], sorted((folder / "PT").glob("*.dcm"))[3]):
+    files = [sorted((folder / "CT").glob("*.dcm"))[3], sorted((folder / "PT").glob("*.dcm"))[3],
+             folder / "truth" / "seg_igtv.dcm"]
+    for f in files:
         out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
         errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
         assert not errors, f"{f.name}: {errors}"
@@ -181,6 +186,8 @@ def test_invalid_options_are_rejected():
         generate_study(0, SynthOptions(motion="wobbly"))
     with pytest.raises(SynthOptionsError, match="compress"):
         generate_study(0, SynthOptions(compress="zip"))
+    with pytest.raises(SynthOptionsError, match="amplitude_range_mm"):
+        generate_study(0, SynthOptions(amplitude_range_mm=(20.0, 5.0)))
 
 
 def test_cli_synth_writes_studies(tmp_path):
@@ -197,3 +204,33 @@ def test_cli_synth_writes_studies(tmp_path):
         assert (f / "truth" / "seg_igtv.dcm").is_file()
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "bad"), "--motion", "wobbly", "--small"])
     assert bad.exit_code == 2 and "motion" in bad.output
+
+
+def test_truth_stays_inside_the_lungs_of_each_phase(synthetic_study_object_factory):
+    from pipeline.synth.anatomy import AnatomyParams, ThoraxModel
+    from pipeline.synth.breathing import BreathingTrace
+
+    study = synthetic_study_object_factory(11, diameter_mm=20.0, amplitude_mm=20.0, lymph_nodes=False)
+    case = study.case
+    model = ThoraxModel(AnatomyParams(**case["anatomy"]))
+    b = case["breathing"]
+    trace = BreathingTrace(b["period_s"], b["shape_n"], b["hysteresis_fraction"], b["ct_time_fraction"])
+    x, y, z = study.ct_grid.axes()
+    ct_lung = model.lung_mask(x, y, z, -b["ct_inhale_fraction"] * b["diaphragm_amplitude_mm"])
+    assert not (study.gtv & ~ct_lung).any()
+    path = max(np.linalg.norm(t["inhale_displacement_mm"]) for t in case["tumours"])
+    shifts = -trace.inhale_fraction(trace.envelope_times(path)) * b["diaphragm_amplitude_mm"]
+    envelope = model.lung_masks(x, y, z, shifts).any(axis=0)
+    assert not (study.igtv & ~envelope).any()
+    assert study.igtv.sum() > 1.5 * study.gtv.sum()
+
+
+def test_pet_slice_spacing_option_and_coverage(synthetic_study_factory, synthetic_study_object_factory):
+    folder = synthetic_study_factory(5, pet_slice_mm=3.27)
+    study = synthetic_study_object_factory(5, pet_slice_mm=3.27)
+    pet = _read_series(folder / "PT")
+    z = np.array([float(d.ImagePositionPatient[2]) for d in pet])
+    np.testing.assert_allclose(np.diff(z), 3.27, atol=1e-3)
+    assert float(pet[0].SliceThickness) == pytest.approx(3.27)
+    ct_z = study.ct_grid.axes()[2]
+    assert z.min() < ct_z.min() and z.max() > ct_z.max()  # the PET covers the whole CT range
