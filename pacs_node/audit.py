@@ -19,7 +19,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class AuditError(ValueError):
 
 def utc_timestamp() -> str:
     """Now, in UTC, ISO 8601 with milliseconds and a ``Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class AuditLog:
@@ -182,6 +182,11 @@ class SeriesTally:
             entry = self._series.setdefault((study_uid, series_uid, modality), [0, 0])
             entry[0] += 1
             entry[1] += int(nbytes)
+
+    def clear(self) -> None:
+        """Forget the counts without writing them."""
+        with self._lock:
+            self._series = {}
 
     def flush(self, audit: AuditLog, source: str) -> int:
         """Write one ``instances_stored`` event per series and reset; returns the series count."""

@@ -60,15 +60,40 @@ def synth(
     cases: int = typer.Option(1, help="Number of studies to generate."),
     motion: str = typer.Option("breathing", help="'breathing' (IGTV studies) or 'static' (GTV studies for pre-training)."),
     small: bool = typer.Option(False, help="Reduced-size studies (fast, for tests)."),
+    amplitude: float | None = typer.Option(None, help="Tumour SI breathing amplitude in mm (default: drawn per lobe)."),
+    amplitude_range: str | None = typer.Option(None, help="Draw the SI amplitude from 'LOW,HIGH' mm for every lobe."),
+    diameter: float | None = typer.Option(None, help="Tumour diameter in mm (default: drawn, 5-60)."),
+    lesions: int = typer.Option(1, help="Number of lung tumours."),
+    lymph_nodes: bool = typer.Option(True, help="Add mediastinal/hilar lymph nodes (some FDG-avid)."),
+    feet_first: bool = typer.Option(False, help="Patient position FFS instead of HFS."),
+    compress: str | None = typer.Option(None, help="Pixel data compression: rle or jpeg2000."),
+    pet_offset: str | None = typer.Option(None, help="PET geometry offset 'X,Y,Z' in mm (own frame of reference)."),
+    pet_slice: float | None = typer.Option(None, help="PET slice spacing in mm."),
 ) -> None:
     """Generate synthetic thorax PET/CT studies as DICOM files with GTV/IGTV truth."""
-    from pipeline.synth.generate import SynthOptions, generate_studies
-
     from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
 
     _setup_logging("WARNING")
     try:
-        options = SynthOptions(motion=motion, small=small)
+        def numbers(text: str | None, count: int, flag: str) -> tuple[float, ...] | None:
+            if not text:
+                return None
+            try:
+                values = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                values = ()
+            if len(values) != count:
+                _fail(ValueError(f"{flag} needs {count} comma-separated numbers (mm), not {text!r}"))
+            return values
+
+        offset = numbers(pet_offset, 3, "--pet-offset") or (0.0, 0.0, 0.0)
+        options = SynthOptions(
+            motion=motion, small=small, amplitude_mm=amplitude, diameter_mm=diameter, n_lesions=lesions,
+            amplitude_range_mm=numbers(amplitude_range, 2, "--amplitude-range"),
+            lymph_nodes=lymph_nodes, feet_first=feet_first, compress=compress, pet_offset_mm=offset,
+            pet_slice_mm=pet_slice,
+        )
         paths = generate_studies(out, seed=seed, cases=cases, options=options, progress=True)
     except IgtvError as exc:
         _fail(exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pacs_node.index import Index
 from pacs_node.jobs import JobQueue

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -142,7 +141,7 @@ def send_dicomweb(dest: Destination, files: list[Path], timeout: float = 30.0,
             status, payload = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, payload = exc.code, exc.read()
-    except (urllib.error.URLError, socket.timeout, ConnectionError, ssl.SSLError, OSError) as exc:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, ssl.SSLError, OSError) as exc:
         raise TransientExportError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
     if status in (200, 201):
         return uids

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pacs_node.config import Destination, ExportConfig
+from pacs_node.events import NodeEvents
 from pacs_node.export import PermanentExportError, TransientExportError, backoff_delay, send_files
 from pacs_node.jobs import JobQueue
 from pipeline.errors import IgtvError
@@ -18,7 +19,9 @@ log = logging.getLogger(__name__)
 class Exporter:
     """Sends due exports; transient failures are rescheduled with capped backoff, permanent ones fail."""
 
-    def __init__(self, jobs: JobQueue, cfg: ExportConfig, calling_ae: str, poll_s: float = 0.5) -> None:
+    def __init__(self, jobs: JobQueue, cfg: ExportConfig, calling_ae: str, poll_s: float = 0.5,
+                 events: NodeEvents | None = None) -> None:
+        self.events = events or NodeEvents()
         self.jobs = jobs
         self.cfg = cfg
         self.calling_ae = calling_ae
@@ -63,22 +66,28 @@ class Exporter:
             self.jobs.export_failed(row["id"], f"result files missing: {missing or 'none recorded'}")
             return
         attempt = row["attempts"] + 1
+        start = time.perf_counter()
+        what = {"job_id": row["job_id"], "destination": dest.name}
         try:
             sent = send_files(dest, files, self.cfg, self.calling_ae)
         except TransientExportError as exc:
             if attempt >= self.cfg.max_attempts:
                 self.jobs.export_failed(row["id"], f"{exc} (gave up after {attempt} attempts)")
+                self.events.emit("export_failed", reason=f"{exc} (gave up after {attempt} attempts)", **what)
                 log.error("export of job %d to %s failed for good: %s", row["job_id"], dest.name, exc)
             else:
                 delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
                 self.jobs.export_retry(row["id"], str(exc), now + delay)
+                self.events.emit("export_retry", reason=str(exc), delay=delay, **what)
                 log.warning("export of job %d to %s: %s; retry in %.1f s", row["job_id"], dest.name, exc, delay)
             return
         except (PermanentExportError, IgtvError, OSError) as exc:
             self.jobs.export_failed(row["id"], str(exc))
+            self.events.emit("export_failed", reason=str(exc), **what)
             log.error("export of job %d to %s failed: %s", row["job_id"], dest.name, exc)
             return
         self.jobs.export_sent(row["id"], sent)
+        self.events.emit("export_sent", sop_uids=sent, seconds=time.perf_counter() - start, **what)
         log.info("job %d: sent %d result(s) to %s", row["job_id"], len(sent), dest.name)
 
     def _loop(self) -> None:

@@ -12,9 +12,10 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def json(cls, data: Any, status: int = 200, content_type: str = "application/json") -> "Response":
+    def json(cls, data: Any, status: int = 200, content_type: str = "application/json") -> Response:
         return cls(status, json.dumps(data, default=str).encode("utf-8"), content_type)
 
     @classmethod
-    def text(cls, text: str, status: int = 200) -> "Response":
+    def text(cls, text: str, status: int = 200) -> Response:
         return cls(status, text.encode("utf-8"))
 
 

@@ -10,10 +10,11 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.errors import IgtvError
 
@@ -179,11 +180,13 @@ class Index:
         self._local = threading.local()
 
     # -- instances ----------------------------------------------------------------
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
+    def record_instance(self, rec: InstanceRecord, now: float | None = None, changed: bool = True) -> bool:
         """Record a stored instance; return True when it is new (False: a duplicate).
 
-        Every call, duplicate or not, bumps the study's ``generation`` and
-        ``last_received`` so a resent study is processed again after it settles.
+        A new or changed instance bumps the study's ``generation`` and
+        ``last_received`` so the study is processed again after it settles; an
+        identical resend (``changed=False``, not new) leaves the study as it is,
+        so routing loops between a PACS and the node die out.
         """
         now = time.time() if now is None else now
         with self.write() as con:
@@ -207,6 +210,8 @@ class Index:
                  rec.path, rec.size, now, rec.source),
             )
             new = existing is None
+            if not new and not changed:
+                return False
             con.execute(
                 "UPDATE studies SET last_received=?, generation=generation+1, state='receiving', reason=NULL, "
                 "instance_count=instance_count+?, bytes=bytes+? WHERE study_uid=?",

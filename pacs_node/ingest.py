@@ -10,11 +10,13 @@ import hashlib
 import io
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from pacs_node.events import NodeEvents
 from pacs_node.index import Index, InstanceRecord
 from pacs_node.spool import Spool, SpoolError, SpoolFullError
 from pipeline.errors import IgtvError, InvalidUidError
@@ -73,13 +75,28 @@ class Ingest:
         New instances beyond this count in one study are refused with 0xA700.
     """
 
-    def __init__(self, spool: Spool, index: Index, max_instance_bytes: int, max_instances_per_study: int) -> None:
+    def __init__(self, spool: Spool, index: Index, max_instance_bytes: int, max_instances_per_study: int,
+                 events: NodeEvents | None = None) -> None:
+        self.events = events or NodeEvents()
         self.spool = spool
         self.index = index
         self.max_instance_bytes = int(max_instance_bytes)
         self.max_instances_per_study = int(max_instances_per_study)
 
     def store(self, part10: bytes, source: str, expected_study: str | None = None) -> IngestResult:
+        """Store one instance (see :meth:`_store`), telling ``events`` what happened."""
+        start = time.perf_counter()
+        try:
+            res, modality, size = self._store(part10, source, expected_study)
+        except IngestRejected as exc:
+            self.events.emit("instance_refused", source=source, status=exc.status, reason=str(exc))
+            raise
+        self.events.emit("instance_stored", study_uid=res.study_uid, series_uid=res.series_uid, sop_uid=res.sop_uid,
+                         modality=modality, size=size, source=source, duplicate=res.duplicate,
+                         seconds=time.perf_counter() - start)
+        return res
+
+    def _store(self, part10: bytes, source: str, expected_study: str | None) -> tuple[IngestResult, str, int]:
         """Store one DICOM Part-10 byte string durably; raise :class:`IngestRejected` when refused.
 
         Parameters
@@ -135,10 +152,11 @@ class Ingest:
                     transfer_syntax=tsyntax, modality=header["Modality"],
                     series_description=header["SeriesDescription"], path=str(stored.path), size=stored.size,
                     source=source, patient_hash=patient_hash(header["PatientID"]), study_date=header["StudyDate"],
-                )
+                ),
+                changed=stored.changed,
             )
         except sqlite3.Error as exc:
             log.error("cannot index instance %s: %s", sop, exc)
             raise IngestRejected(f"cannot record the instance in the index: {exc}", STATUS_OUT_OF_RESOURCES) from None
         log.debug("stored %s (%s) from %s", sop, header["Modality"], source)
-        return IngestResult(study, series, sop, header["SOPClassUID"], stored.duplicate)
+        return IngestResult(study, series, sop, header["SOPClassUID"], stored.duplicate), header["Modality"], stored.size

@@ -32,7 +32,7 @@ class Job:
     result_uids: list[str]
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Job":
+    def from_row(cls, row: dict[str, Any]) -> Job:
         return cls(
             id=row["id"], study_uid=row["study_uid"], generation=row["generation"], state=row["state"],
             attempts=row["attempts"], reason=row["reason"], out_dir=row["out_dir"],

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -77,6 +78,7 @@ class Listener:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             *(extra_handlers or []),
         ]
         self._server: Any = None
@@ -117,6 +119,16 @@ class Listener:
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
 
+    def _peer(self, event: Any) -> dict[str, str]:
+        rq = event.assoc.requestor
+        called = getattr(rq.primitive, "called_ae_title", None) or event.assoc.acceptor.ae_title
+        return {"calling_ae": str(rq.ae_title).strip(), "called_ae": str(called).strip(),
+                "peer": f"{rq.address}:{rq.port}"}
+
+    def _on_accepted(self, event: Any) -> None:
+        self.ingest.events.emit("association_accepted", **self._peer(event))
+
     def _on_rejected(self, event: Any) -> None:
-        requestor = event.assoc.requestor
-        log.warning("association from %s (%s) rejected", str(requestor.ae_title).strip(), requestor.address)
+        peer = self._peer(event)
+        log.warning("association from %s (%s) rejected", peer["calling_ae"], peer["peer"])
+        self.ingest.events.emit("association_rejected", **peer)

@@ -54,7 +54,7 @@ def _escape_label(text: str) -> str:
 def _labels_text(names: Sequence[str], values: Sequence[str]) -> str:
     if not names:
         return ""
-    inner = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values))
+    inner = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True))
     return "{" + inner + "}"
 
 
@@ -242,7 +242,7 @@ class Histogram(Metric):
         for key in sorted(snapshot):
             counts, total = snapshot[key]
             running = 0
-            for bound, c in zip(self.buckets, counts):
+            for bound, c in zip(self.buckets, counts[:-1], strict=True):
                 running += c
                 rows.append((f"{self.name}_bucket", names_le, key + (repr(bound),), running))
             running += counts[-1]

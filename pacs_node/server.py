@@ -7,14 +7,17 @@ import signal
 import threading
 from pathlib import Path
 
+from pacs_node.audit import AuditLog
 from pacs_node.completion import CompletionScanner
 from pacs_node.config import NodeConfig
+from pacs_node.dashboard import Dashboard
+from pacs_node.events import NodeEvents
 from pacs_node.exporter import Exporter
 from pacs_node.http import HttpServer, Response, Router
 from pacs_node.index import Index
-from pacs_node.ingest import Ingest
-from pacs_node.jobs import JobQueue
 from pacs_node.listener import Listener
+from pacs_node.metrics import NodeMetrics
+from pacs_node.observability import NodeObserver, ObservedIngest, ObservedJobQueue
 from pacs_node.spool import Spool
 from pacs_node.stow import StowService
 from pacs_node.worker import WorkerPool
@@ -25,8 +28,10 @@ log = logging.getLogger(__name__)
 class NodeServer:
     """All parts of a running node; :meth:`start` returns once everything listens.
 
-    Attributes for extensions (dashboard, metrics): ``cfg``, ``spool``, ``index``,
-    ``jobs``, ``ingest``, ``listener``, ``router``, ``http``, ``workers``, ``exporter``.
+    Attributes for extensions (dashboard, metrics, audit): ``cfg``, ``events`` (subscribe
+    to :mod:`pacs_node.events` before :meth:`start`), ``spool``, ``index``, ``jobs``,
+    ``ingest``, ``listener``, ``router`` (add HTTP routes before :meth:`start`), ``http``,
+    ``workers``, ``exporter``.
     """
 
     def __init__(self, cfg: NodeConfig) -> None:
@@ -34,29 +39,44 @@ class NodeServer:
         data = Path(cfg.spool.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.data_dir = data
+        self.events = NodeEvents()
         self.spool = Spool(data, cfg.spool.min_free_mb)
         self.index = Index(data / "index.sqlite")
-        self.jobs = JobQueue(self.index)
-        self.ingest = Ingest(
-            self.spool, self.index,
+        # metrics and audit trail: observed subclasses of the job queue and ingest report to them
+        self.metrics = NodeMetrics()
+        self.audit = AuditLog(data / "audit.jsonl")
+        self.observer = NodeObserver(self.metrics, self.audit, cfg.listener, cfg.export.destinations)
+        self.jobs = ObservedJobQueue(self.index, self.observer)
+        self.ingest = ObservedIngest(
+            self.observer, self.spool, self.index,
             max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
-            max_instances_per_study=cfg.listener.max_instances_per_study,
+            max_instances_per_study=cfg.listener.max_instances_per_study, events=self.events,
         )
-        self.listener = Listener(cfg.listener, self.ingest)
+        self.listener = Listener(cfg.listener, self.ingest, extra_handlers=self.observer.listener_handlers())
         self.router = Router()
         StowService(self.ingest).register(self.router)
+        self.observer.wrap_stow_routes(self.router)
         self.router.add("GET", r"/health", self._health, auth=False)
-        self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token)
+        # a STOW body may carry a whole study: allow twice the largest instance, in memory
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token,
+                               max_body=int(cfg.listener.max_instance_mb * 2 * 1024 * 1024))
         calling_ae = cfg.export.calling_ae_title or cfg.listener.ae_title
-        self.exporter = Exporter(self.jobs, cfg.export, calling_ae)
+        self.exporter = Exporter(self.jobs, cfg.export, calling_ae, events=self.events)
         self.workers = WorkerPool(
             self.jobs, self.spool, data / "results", cfg.processing,
             destinations=[d.name for d in cfg.export.destinations],
             process_spec=cfg.worker.process_function, workers=cfg.worker.workers,
-            torch_threads=cfg.worker.torch_threads, on_processed=self.exporter.wake,
+            torch_threads=cfg.worker.torch_threads, on_processed=self.exporter.wake, events=self.events,
         )
         self.completion = CompletionScanner(self.index, self.jobs, cfg.spool.stable_age_s,
                                             on_queued=self.workers.wake)
+        Dashboard(
+            self.index, self.jobs, destinations=[d.name for d in cfg.export.destinations],
+            node_name=cfg.listener.ae_title, audit_path=self.audit.path, metrics=self.metrics,
+            wake_workers=self.workers.wake, wake_exporter=self.exporter.wake,
+        ).register(self.router)
+        self.metrics.bind_job_counts(lambda: Dashboard.job_counts_of(self.index))
+        self.metrics.bind_spool_free(lambda: self.spool.free_mb() * 1024 * 1024)
         self._started = False
 
     def _health(self, request) -> Response:

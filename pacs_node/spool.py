@@ -17,9 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.errors import IgtvError
 from pipeline.uids import validate_uid
@@ -42,6 +42,7 @@ class StoredInstance:
     path: Path
     duplicate: bool
     size: int
+    changed: bool = True  # False: an identical copy was already stored (nothing written)
 
 
 def _free_mb(path: Path) -> float:
@@ -132,13 +133,16 @@ class Spool:
     def store(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
         """Write one instance durably; return once it is on disk.
 
-        An instance already in the spool with the same SOP Instance UID is
-        replaced atomically (the sender may resend a corrected version) and
-        reported as a duplicate.
+        An identical copy already in the spool is left as it is (idempotent);
+        a different instance with the same SOP Instance UID replaces it
+        atomically (the sender may resend a corrected version). Both are
+        reported as duplicates.
         """
         final = self.instance_path(study_uid, series_uid, sop_uid)
-        self.check_space(len(data))
         duplicate = final.exists()
+        if duplicate and final.stat().st_size == len(data) and final.read_bytes() == data:
+            return StoredInstance(path=final, duplicate=True, size=len(data), changed=False)
+        self.check_space(len(data))
         new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")

@@ -13,12 +13,15 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from pacs_node.events import NodeEvents
 from pacs_node.jobs import Job, JobQueue
 from pacs_node.spool import Spool
 from pipeline.errors import IgtvError, PipelineError
@@ -121,11 +124,15 @@ class WorkerPool:
         Number of worker processes; thread limit inside each.
     on_processed:
         Called after a job's results are recorded (wakes the exporter).
+    events:
+        Receives job_started, job_finished and job_failed.
     """
 
     def __init__(self, jobs: JobQueue, spool: Spool, results_dir: Path, settings: ProcessSettings,
                  destinations: list[str], process_spec: str, workers: int = 1, torch_threads: int = 0,
-                 poll_s: float = 0.5, on_processed: Callable[[], None] | None = None) -> None:
+                 poll_s: float = 0.5, on_processed: Callable[[], None] | None = None,
+                 events: NodeEvents | None = None) -> None:
+        self.events = events or NodeEvents()
         self.jobs = jobs
         self.spool = spool
         self.results_dir = Path(results_dir)
@@ -141,7 +148,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._pool_lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self.busy = 0
+        self._busy: set[int] = set()  # ids of jobs being processed now
 
     def _new_pool(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(
@@ -172,6 +179,10 @@ class WorkerPool:
         """A job was queued: look now instead of at the next poll."""
         self._wake.set()
 
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs being processed right now."""
+        return sorted(self._busy)
+
     def alive(self) -> bool:
         """True while the dispatcher threads run."""
         return any(t.is_alive() for t in self._threads)
@@ -201,7 +212,7 @@ class WorkerPool:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self.busy += 1
+            self._busy.add(job.id)
             try:
                 self._run(job)
             except Exception:
@@ -209,7 +220,7 @@ class WorkerPool:
                 if not self._stop.is_set():
                     self.jobs.fail(job.id, "internal error in the dispatcher; see the node log")
             finally:
-                self.busy -= 1
+                self._busy.discard(job.id)
 
     def _run(self, job: Job) -> None:
         restored = self.spool.restore(job.study_uid)
@@ -219,6 +230,8 @@ class WorkerPool:
         out_dir = self.results_dir / job.study_uid
         log.info("job %d: processing study %s (%d instances, attempt %d)", job.id, job.study_uid, len(paths),
                  job.attempts)
+        self.events.emit("job_started", job_id=job.id, study_uid=job.study_uid)
+        start = time.perf_counter()
         try:
             future = self._get_pool().submit(run_study, self.process_spec, paths, str(out_dir), self.settings)
             result = future.result()
@@ -231,6 +244,7 @@ class WorkerPool:
                 reason = f"worker process died {job.attempts} times on this study ({exc}); inputs quarantined"
                 self.spool.quarantine(job.study_uid, reason)
                 self.jobs.fail(job.id, reason)
+                self.events.emit("job_failed", job_id=job.id, study_uid=job.study_uid, reason=reason)
             else:
                 log.warning("job %d: worker process died (%s); re-queued", job.id, exc)
                 self.jobs.requeue(job.id, f"worker process died: {exc}")
@@ -244,8 +258,13 @@ class WorkerPool:
                 log.warning("job %d: study %s failed: %s", job.id, job.study_uid, result["reason"])
             self.spool.quarantine(job.study_uid, result["reason"])
             self.jobs.fail(job.id, result["reason"])
+            self.events.emit("job_failed", job_id=job.id, study_uid=job.study_uid, reason=result["reason"])
             return
         self.jobs.processed(job.id, result, self.destinations)
+        report = result.get("report") or {}
+        self.events.emit("job_finished", job_id=job.id, study_uid=job.study_uid,
+                         seconds=time.perf_counter() - start, result_uids=result["result_uids"], report=report,
+                         timings=report.get("timings", {}) if isinstance(report, dict) else {})
         if self.on_processed:
             self.on_processed()
         log.info("job %d: study %s processed, %d result(s)%s", job.id, job.study_uid, len(result["dicom_outputs"]),

@@ -7,6 +7,7 @@ grid -> post-processing -> DICOM-SEG, RTSTRUCT, preview PNG, JSON report.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -133,9 +134,7 @@ def process_study(
         del pet_suv
 
     if predictor is None:
-        from model.predict import Predictor
-
-        predictor = Predictor.load(settings.checkpoint, device=settings.device)
+        predictor = load_predictor(settings.checkpoint, settings.device)
 
     with timer.stage("stacks"):
         stackset = stacks.build_stacks(ct, pet_on_ct, predictor.preprocessing)
@@ -154,7 +153,9 @@ def process_study(
             min_component_cc=settings.min_component_cc,
             keep=settings.keep_components,
         )
-        components = postprocess.component_report(labels, suv_ct, spacing_zyx)
+        components = postprocess.component_report(
+            labels, suv_ct, spacing_zyx, origin=ct.image.GetOrigin(), direction=ct.image.GetDirection()
+        )
         del prob_ct
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,8 +176,9 @@ def process_study(
         rts = write_rtstruct(labels, ct, info)
         rts.save_as(rt_path, enforce_file_format=True)
         preview_path = preview_writer.render_preview(
-            sitk.GetArrayViewFromImage(ct.image), suv_ct, labels > 0, spacing_zyx,
+            sitk.GetArrayViewFromImage(ct.image), suv_ct, labels, spacing_zyx,
             out_dir / "preview.png", title=f"IGTV, model {predictor.version}",
+            **preview_writer.display_geometry(ct),
         )
     timer.timings["total"] = round(time.perf_counter() - t0, 3)
 
@@ -185,14 +187,11 @@ def process_study(
         timer.timings,
         {"version": predictor.version, "preprocessing": predictor.preprocessing.to_dict()},
         {
-            "study_instance_uid": ct.study_instance_uid,
-            "ct_series_instance_uid": ct.series_instance_uid,
+            **report_writer.uid_entries(ct, None, {"seg": seg, "rtstruct": rts}),
             "pet_series_instance_uid": chosen.pet.uid,
             "registration": registration_summary(registration),
             "selection_notes": list(chosen.notes),
             "skipped": [{"series": s, "reason": r} for s, r in result.skipped],
-            "seg_sop_instance_uid": str(seg.SOPInstanceUID),
-            "rtstruct_sop_instance_uid": str(rts.SOPInstanceUID),
         },
     )
     report_path = out_dir / "report.json"
@@ -205,6 +204,14 @@ def process_study(
         "study processed: %d lesion(s), %.1f s total", len(components), timer.timings["total"]
     )
     return result
+
+
+@functools.lru_cache(maxsize=2)
+def load_predictor(checkpoint: Path | None, device: str) -> object:
+    """Load a checkpoint once per worker process (later studies reuse it)."""
+    from model.predict import Predictor
+
+    return Predictor.load(checkpoint, device=device)
 
 
 def node_version() -> str:

@@ -54,15 +54,19 @@ class BreathingTrace:
         """``n`` uniformly spaced cycle fractions: the PET sees the time average over them."""
         return (np.arange(n) + 0.5) / n
 
-    def envelope_times(self, n: int) -> np.ndarray:
-        """Cycle fractions dense enough in *position* to trace the whole path (for the IGTV).
+    def envelope_times(self, amplitude_mm: float, step_mm: float = 1.0) -> np.ndarray:
+        """Cycle fractions whose positions are at most ``step_mm`` apart along the whole path.
 
-        Uniform sampling in time leaves gaps near inhale, where motion is fastest; this adds
-        points uniformly spaced in inhale fraction on both the inhale and exhale halves.
+        Uniform sampling in time leaves gaps near inhale, where motion is fastest; these
+        points are uniform in inhale fraction, on the inhale half and (for the hysteresis of
+        the AP/LR motion) on the exhale half of the cycle. Translating a shape by at most
+        1 mm between samples leaves a union that differs from the swept volume by slivers
+        far thinner than a voxel.
         """
+        n = max(2, int(np.ceil(amplitude_mm / step_mm)) + 1)
         s = np.linspace(0.0, 1.0, n)
-        base = np.arccos(np.clip(s, 0, 1) ** (1.0 / (2 * self.shape_n))) / np.pi  # in [0, 0.5]
-        return np.unique(np.concatenate([base, 1.0 - base, self.pet_times(n)]))
+        half = np.arccos(s ** (1.0 / (2 * self.shape_n))) / np.pi  # in [0, 0.5]
+        return np.unique(np.concatenate([half, 1.0 - half]))
 
     def as_dict(self) -> dict:
         """JSON-friendly description."""

@@ -41,7 +41,7 @@ def _vessel_field(rng: np.random.Generator, model: ThoraxModel, x, y, z) -> np.n
     step = 3.0
     lo = np.array([x.min(), y.min(), z.min()]) - step
     hi = np.array([x.max(), y.max(), z.max()]) + step
-    ax = [np.arange(a, b + step, step) for a, b in zip(lo, hi)]
+    ax = [np.arange(a, b + step, step) for a, b in zip(lo, hi, strict=False)]
     shape = (ax[2].size, ax[1].size, ax[0].size)
     g1 = smooth_noise(rng, shape, 2.2)
     g2 = smooth_noise(rng, shape, 2.2)
@@ -90,6 +90,7 @@ def render_ct(model: ThoraxModel, grid: Grid, diaphragm_shift: float, tumours: l
     if tumour_box is not None and tumour_mask.any():
         bz, by, bx = tumour_box
         frac = np.zeros(tumour_mask.shape, np.float32)
+        tissue = np.zeros(tumour_mask.shape, np.float32)
         sx, sy, sz = grid.spacing
         for dz in (-0.25, 0.25):
             for dy in (-0.25, 0.25):
@@ -98,15 +99,17 @@ def render_ct(model: ThoraxModel, grid: Grid, diaphragm_shift: float, tumours: l
                     Y = (y[by] + dy * sy * grid.direction[1]).astype(np.float32)[None, :, None]
                     Z = (z[bz] + dz * sz * grid.direction[2]).astype(np.float32)[:, None, None]
                     inside = np.zeros(frac.shape, bool)
-                    for t, off in zip(tumours, tumour_offsets):
-                        inside |= t.inside(X, Y, Z, off)
+                    for t, off in zip(tumours, tumour_offsets, strict=True):
+                        here = t.inside(X, Y, Z, off)
+                        tissue += np.where(here & ~inside, t.ct_hu(X, Y, Z, off), 0)
+                        inside |= here
                     frac += inside
+        tissue /= np.maximum(frac, 1)
         frac /= 8.0
         # keep the tumour inside the lung: only where the voxel-centre mask or its neighbours are tumour
         frac *= ndimage.binary_dilation(tumour_mask, iterations=1)
-        tumour_hu = np.float32(np.mean([t.hu for t in tumours]))
         sub = hu[bz, by, bx]
-        sub += frac * (tumour_hu + smooth_noise(rng, frac.shape, 1.0) * 8.0 - sub)
+        sub += frac * (tissue + smooth_noise(rng, frac.shape, 1.0) * 8.0 - sub)
         hu[bz, by, bx] = sub
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     noise = ndimage.uniform_filter1d(noise, 2, axis=2)

@@ -74,7 +74,7 @@ class Grid:
     def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
         """Index slices (z, y, x) of the voxels whose centres lie in [lo, hi]; None if empty."""
         out = []
-        for axis, (a, b) in zip(self.axes(), zip(lo, hi)):
+        for axis, (a, b) in zip(self.axes(), zip(lo, hi, strict=False), strict=False):
             idx = np.nonzero((axis >= a) & (axis <= b))[0]
             if idx.size == 0:
                 return None

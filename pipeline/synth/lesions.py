@@ -33,11 +33,13 @@ def sample_diameter(rng: np.random.Generator) -> float:
 
 def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter_mm: float | None,
                   amplitude_mm: float | None, static: bool, necrosis: bool | None,
-                  z_range_rel: tuple[float, float] = (-1e4, 1e4)) -> list[TumourShape]:
+                  z_range_rel: tuple[float, float] = (-1e4, 1e4),
+                  amplitude_range_mm: tuple[float, float] | None = None) -> list[TumourShape]:
     """Choose lobe, size, position, uptake and motion of ``n`` tumours inside the lungs.
 
     ``z_range_rel`` (relative to the body centre) keeps the tumours, with their motion,
-    inside the imaged range.
+    inside the imaged range. The SI amplitude is ``amplitude_mm`` if given, else drawn from
+    ``amplitude_range_mm`` if given, else from the lobe's typical range (:data:`SI_RANGE`).
     """
     p = model.p
     c = np.asarray(p.centre)
@@ -57,12 +59,12 @@ def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter
             d = diameter_mm if diameter_mm is not None else sample_diameter(rng)
             d = d if attempt < 10 else d * 0.85 ** (attempt - 9)
             lobe = int(rng.choice(len(LOBES), p=[0.3, 0.07, 0.2, 0.25, 0.18]))
-            blobs, level, scale = sample_shape(rng, d)
-            shape = TumourShape(np.zeros(3), LOBES[lobe], d, blobs, level, scale, 0, 0, 0, np.zeros(3),
-                                np.zeros((0, 4)))
+            geometry = sample_shape(rng, d)
+            shape = TumourShape(np.zeros(3), LOBES[lobe], d, suv_peak=0, suv_floor=0, necrosis=0,
+                                amplitude_lps=np.zeros(3), texture=np.zeros((0, 4)), **geometry)
             r = shape.radius_bound_mm
             abut = rng.random() < 0.3
-            lo, hi = (0.45 * d, 0.55 * d) if abut else (0.65 * r + 2, 1e9)
+            lo, hi = (0.2 * d, 0.4 * d) if abut else (0.65 * r + 2, 1e9)
             dd = dist[zz, yy, xx]
             ok = (lobe_idx == lobe) & (dd >= lo) & (dd <= hi)
             ok &= (rel[:, 2] > z_range_rel[0] + r + 26) & (rel[:, 2] < z_range_rel[1] - r - 4)
@@ -82,14 +84,20 @@ def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter
             abutting = "chest wall" if np.hypot(x[nx_] - c[0], y[ny_] - c[1]) > 0.55 * p.cage_width else "mediastinum"
             abutting = abutting if near != 0 else "lung boundary"
         si_lo, si_hi = SI_RANGE[LOBES[lobe]]
-        si = 0.0 if static else (amplitude_mm if amplitude_mm is not None else float(rng.uniform(si_lo, si_hi)))
-        if abutting == "chest wall" and amplitude_mm is None:
-            si *= 0.6
-        amp = np.array([si * rng.uniform(-0.15, 0.15), -si * rng.uniform(0.1, 0.35), -si])
-        has_necrosis = necrosis if necrosis is not None else (d > 30 and rng.random() < 0.4)
+        # draw every random number whatever the options, so that static and breathing variants
+        # (or amplitude overrides) of one seed share the patient and the tumour
+        u = float(rng.random())
+        if amplitude_range_mm is not None:
+            si_lo, si_hi = amplitude_range_mm
+        si_drawn = (si_lo + u * (si_hi - si_lo)) * (0.6 if abutting == "chest wall" and amplitude_range_mm is None else 1.0)
+        lr, ap = rng.uniform(-0.15, 0.15), rng.uniform(0.1, 0.35)
+        si = 0.0 if static else (amplitude_mm if amplitude_mm is not None else si_drawn)
+        amp = np.array([si * lr, -si * ap, -si])
+        necrosis_draw = rng.random() < 0.4
+        has_necrosis = necrosis if necrosis is not None else (d > 30 and necrosis_draw)
         peak = float(rng.uniform(3.0, 15.0) if d > 12 else rng.uniform(2.5, 8.0))
         tumours.append(TumourShape(
-            centre=centre, lobe=LOBES[lobe], diameter_mm=float(d), blobs=blobs, level=level, scale=scale,
+            centre=centre, lobe=LOBES[lobe], diameter_mm=float(d), **geometry,
             suv_peak=peak, suv_floor=float(max(1.5, peak * rng.uniform(0.35, 0.6))),
             necrosis=float(rng.uniform(0.25, 0.5)) if has_necrosis else 0.0, amplitude_lps=amp,
             texture=sample_texture(rng), abutting=abutting, hu=float(rng.uniform(30, 50)),
@@ -105,16 +113,32 @@ def tumour_box(tumours: list[TumourShape], grid: Grid, offset=(0.0, 0.0, 0.0), m
     return grid.box(lo + off - margin, hi + off + margin)
 
 
+def span(axis: np.ndarray, lo: float, hi: float) -> slice:
+    """Index slice of the entries of a monotonic 1-D ``axis`` within [lo, hi] (may be empty)."""
+    idx = np.nonzero((axis >= lo) & (axis <= hi))[0]
+    return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+
+
 def tumour_masks(tumours: list[TumourShape], model: ThoraxModel, trace: BreathingTrace, dia_amp: float,
                  X, Y, Z, times: np.ndarray) -> np.ndarray:
-    """Boolean tumour masks (len(times), ...) at the coordinates, clipped to the lungs of each phase."""
-    out = []
-    for t in np.atleast_1d(times):
-        s = float(trace.inhale_fraction(t))
-        mask = np.zeros(np.broadcast_shapes(X.shape, Y.shape, Z.shape), bool)
+    """Boolean tumour masks (len(times), ...) at the coordinates, clipped to the lungs of each phase.
+
+    ``X``, ``Y``, ``Z`` are broadcastable axis arrays shaped (1,1,nx), (1,ny,1), (nz,1,1).
+    Each tumour is evaluated only in the box around its displaced position.
+    """
+    times = np.atleast_1d(times)
+    x, y, z = X.ravel(), Y.ravel(), Z.ravel()
+    out = np.zeros((len(times), z.size, y.size, x.size), bool)
+    for i, t in enumerate(times):
         for tum in tumours:
-            mask |= tum.inside(X, Y, Z, trace.displacement(tum.amplitude_lps, t))
-        if mask.any():
-            mask &= model.lung_mask(X.ravel(), Y.ravel(), Z.ravel(), -s * dia_amp)
-        out.append(mask)
-    return np.stack(out)
+            off = trace.displacement(tum.amplitude_lps, t)
+            c = tum.centre + off
+            r = tum.radius_bound_mm
+            box = (span(z, c[2] - r, c[2] + r), span(y, c[1] - r, c[1] + r), span(x, c[0] - r, c[0] + r))
+            sub = out[i][box]
+            if sub.size:
+                sub |= tum.inside(X[..., box[2]], Y[:, box[1]], Z[box[0]], off)
+    if out.any():
+        shifts = -trace.inhale_fraction(times) * dia_amp
+        out &= model.lung_masks(x, y, z, shifts)
+    return out

@@ -26,8 +26,11 @@ class SynthOptions:
         Reduced-size study for unit tests (CT 128x128, PET 64x64; well under 2 s).
     amplitude_mm:
         Tumour superior-inferior amplitude override (mm, 0-40); None draws it per lobe (0-25).
+    amplitude_range_mm:
+        (low, high) SI amplitude range (mm) drawn uniformly for every lobe; None uses the
+        lobe's typical range (upper 0-8, middle 3-14, lower 8-25 mm).
     diameter_mm:
-        Tumour equivalent diameter override (mm); None draws 5-60 mm.
+        Tumour equivalent diameter override (mm); None draws 5-60 mm (18-45 mm in ``small``).
     n_lesions:
         Number of lung tumours (all belong to the GTV/IGTV truth).
     lymph_nodes:
@@ -52,6 +55,7 @@ class SynthOptions:
     motion: str = "breathing"
     small: bool = False
     amplitude_mm: float | None = None
+    amplitude_range_mm: tuple[float, float] | None = None
     diameter_mm: float | None = None
     n_lesions: int = 1
     lymph_nodes: bool = True
@@ -63,7 +67,7 @@ class SynthOptions:
     ct_slice_mm: float | None = None
     pet_phases: int = 10
 
-    def validate(self) -> "SynthOptions":
+    def validate(self) -> SynthOptions:
         """Raise :class:`SynthOptionsError` for impossible settings; return self."""
         if self.motion not in ("breathing", "static"):
             raise SynthOptionsError(f"motion must be 'breathing' or 'static', not {self.motion!r}")
@@ -71,6 +75,10 @@ class SynthOptions:
             raise SynthOptionsError(f"compress must be one of {COMPRESSIONS}, not {self.compress!r}")
         if self.amplitude_mm is not None and not 0 <= self.amplitude_mm <= 40:
             raise SynthOptionsError(f"amplitude_mm {self.amplitude_mm} outside 0-40 mm")
+        if self.amplitude_range_mm is not None:
+            lo, hi = self.amplitude_range_mm
+            if not 0 <= lo <= hi <= 40:
+                raise SynthOptionsError(f"amplitude_range_mm {self.amplitude_range_mm} must satisfy 0 <= low <= high <= 40")
         if self.diameter_mm is not None and not 3 <= self.diameter_mm <= 80:
             raise SynthOptionsError(f"diameter_mm {self.diameter_mm} outside 3-80 mm")
         if not 1 <= self.n_lesions <= 5:

@@ -8,7 +8,7 @@ from scipy import ndimage
 from pipeline.synth import anatomy as A
 from pipeline.synth.breathing import BreathingTrace
 from pipeline.synth.grid import Grid
-from pipeline.synth.lesions import tumour_box, tumour_masks
+from pipeline.synth.lesions import span, tumour_box, tumour_masks
 from pipeline.synth.tumour import TumourShape
 
 
@@ -59,6 +59,23 @@ def _node_suv(model: A.ThoraxModel, x, y, z, base: np.ndarray, labels: np.ndarra
         base[(d2 <= node["radius_mm"] ** 2) & (labels == A.NODE)] = node["suv"]
 
 
+def _tumour_uptake(tumours: list[TumourShape], trace: BreathingTrace, t: float, X, Y, Z,
+                   occupied: np.ndarray) -> np.ndarray:
+    """Tumour SUV at the coordinates at cycle fraction ``t`` (0 where ``occupied`` is false)."""
+    up = np.zeros(occupied.shape, np.float32)
+    x, y, z = X.ravel(), Y.ravel(), Z.ravel()
+    for tum in tumours:
+        off = trace.displacement(tum.amplitude_lps, t)
+        c, r = tum.centre + off, tum.radius_bound_mm
+        box = (span(z, c[2] - r, c[2] + r), span(y, c[1] - r, c[1] + r), span(x, c[0] - r, c[0] + r))
+        if not up[box].size:
+            continue
+        Xs, Ys, Zs = X[..., box[2]], Y[:, box[1]], Z[box[0]]
+        here = occupied[box] & tum.inside(Xs, Ys, Zs, off)
+        up[box] = np.where(here, tum.uptake(Xs, Ys, Zs, off), up[box])
+    return up
+
+
 def render_pet(model: A.ThoraxModel, grid: Grid, uptake: dict[str, float], tumours: list[TumourShape],
                trace: BreathingTrace, dia_amp: float, n_phases: int, offset: np.ndarray, fwhm_mm: float,
                noise_level: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -74,28 +91,24 @@ def render_pet(model: A.ThoraxModel, grid: Grid, uptake: dict[str, float], tumou
     box = tumour_box(tumours, grid, offset=offset, margin=8.0)
     sup = 3
     total = np.zeros(grid.shape, np.float32)
-    for t in times:
+    if box is not None:
+        bz, by, bx = box
+        fine = []
+        for axis, sl, step in ((tx, bx, grid.spacing[0]), (ty, by, grid.spacing[1]), (tz, bz, grid.spacing[2])):
+            sub = np.sort(axis[sl])
+            d = (np.arange(sup) - (sup - 1) / 2) * step / sup
+            fine.append((sub[:, None] + d[None, :]).ravel().astype(np.float32))
+        X, Y, Z = fine[0][None, None, :], fine[1][None, :, None], fine[2][:, None, None]
+        occupancy = tumour_masks(tumours, model, trace, dia_amp, X, Y, Z, times)
+    for phase, t in enumerate(times):
         shift = -float(trace.inhale_fraction(t)) * dia_amp
         labels = model.labels(tx, ty, tz, shift, table=False)
         suv = table[labels]
         _node_suv(model, tx, ty, tz, suv, labels)
         if box is not None:
-            bz, by, bx = box
-            sx, sy, sz = grid.spacing
-            fine = []
-            for axis, sl, step, sign in ((tx, bx, sx, grid.direction[0]), (ty, by, sy, grid.direction[1]),
-                                         (tz, bz, sz, grid.direction[2])):
-                sub = np.sort(axis[sl])
-                d = (np.arange(sup) - (sup - 1) / 2) * step / sup
-                fine.append((sub[:, None] + d[None, :]).ravel().astype(np.float32))
-            X, Y, Z = fine[0][None, None, :], fine[1][None, :, None], fine[2][:, None, None]
-            occ = tumour_masks(tumours, model, trace, dia_amp, X, Y, Z, np.array([t]))[0]
+            occ = occupancy[phase]
             if occ.any():
-                up = np.zeros(occ.shape, np.float32)
-                for tum in tumours:
-                    off = trace.displacement(tum.amplitude_lps, t)
-                    inside = tum.inside(X, Y, Z, off) & occ
-                    up = np.where(inside, tum.uptake(X, Y, Z, off), up)
+                up = _tumour_uptake(tumours, trace, t, X, Y, Z, occ)
                 nzb, nyb, nxb = (bz.stop - bz.start), (by.stop - by.start), (bx.stop - bx.start)
                 o = occ.reshape(nzb, sup, nyb, sup, nxb, sup).mean(axis=(1, 3, 5)).astype(np.float32)
                 u = up.reshape(nzb, sup, nyb, sup, nxb, sup).mean(axis=(1, 3, 5)).astype(np.float32)

@@ -27,7 +27,8 @@ class TumourShape:
     diameter_mm:
         Target equivalent-sphere diameter; ``scale`` makes the implicit shape match it.
     blobs:
-        (n, 4) rows of (dx, dy, dz, sigma) in unit-free shape space.
+        (n, 8) rows of (dx, dy, dz, sigma_across, sigma_along, ux, uy, uz) in unit-free shape
+        space: lobules are round (equal sigmas), spicules are thin blobs elongated along u.
     level:
         Iso-level of the summed Gaussians that defines the surface.
     scale:
@@ -40,6 +41,10 @@ class TumourShape:
         Displacement (mm) at end-inhale relative to end-exhale.
     texture:
         (m, 4) rows (kx, ky, kz, phase) of the uptake heterogeneity pattern.
+    roughness, surface:
+        Relative amplitude and (k, phase) rows of the waves that make the surface irregular.
+    peak:
+        Largest field value (the deepest point), for relative depth.
     """
 
     centre: np.ndarray
@@ -55,28 +60,59 @@ class TumourShape:
     texture: np.ndarray
     abutting: str = "none"
     hu: float = 38.0
+    roughness: float = 0.0
+    peak: float = 1.0
+    surface: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     extra: dict = field(default_factory=dict)
 
     @property
     def radius_bound_mm(self) -> float:
         """Radius of a sphere around the centre that contains the whole tumour."""
-        reach = np.max(np.linalg.norm(self.blobs[:, :3], axis=1) + 3.0 * self.blobs[:, 3])
-        return float(reach * self.scale)
+        b = self.blobs
+        reach = np.max(np.linalg.norm(b[:, :3], axis=1) + 3.0 * np.maximum(b[:, 3], b[:, 4]))
+        return float(reach * self.scale * (1.0 + self.roughness))
 
     def field(self, X, Y, Z, offset) -> np.ndarray:
-        """Implicit function (>= ``level`` inside) at coordinates with the tumour shifted by ``offset``."""
+        """Implicit function (>= ``level`` inside) at coordinates with the tumour shifted by ``offset``.
+
+        A sum of (possibly elongated) Gaussian blobs, modulated by a few low-frequency
+        waves that make the surface irregular.
+        """
         cx, cy, cz = (np.asarray(self.centre, np.float64) + np.asarray(offset, np.float64)).astype(np.float32)
         s = np.float32(1.0 / self.scale)
         u, v, w = (X - cx) * s, (Y - cy) * s, (Z - cz) * s
         total = np.zeros(np.broadcast_shapes(u.shape, v.shape, w.shape), np.float32)
-        for bx, by, bz, sig in self.blobs.astype(np.float32):
-            inv = np.float32(-0.5 / (sig * sig))
-            total += np.exp(((u - bx) ** 2) * inv) * np.exp(((v - by) ** 2) * inv) * np.exp(((w - bz) ** 2) * inv)
+        for bx, by, bz, s_perp, s_par, ax, ay, az in self.blobs.astype(np.float32):
+            du, dv, dw = u - bx, v - by, w - bz
+            if s_perp == s_par:
+                inv = np.float32(-0.5 / (s_perp * s_perp))
+                total += np.exp(du * du * inv) * np.exp(dv * dv * inv) * np.exp(dw * dw * inv)
+            else:
+                along = du * ax + dv * ay + dw * az
+                across2 = du * du + dv * dv + dw * dw - along * along
+                total += np.exp(np.float32(-0.5) * (across2 / (s_perp * s_perp) + along * along / (s_par * s_par)))
+        if self.roughness > 0 and len(self.surface):
+            wave = np.zeros_like(total)
+            for kx, ky, kz, ph in self.surface.astype(np.float32):
+                wave += np.cos(kx * u + ky * v + kz * w + ph)
+            total *= 1.0 + np.float32(self.roughness / np.sqrt(len(self.surface))) * wave
         return total
 
     def inside(self, X, Y, Z, offset) -> np.ndarray:
         """Boolean tumour mask at the given coordinates for displacement ``offset``."""
         return self.field(X, Y, Z, offset) >= self.level
+
+    def depth(self, f: np.ndarray) -> np.ndarray:
+        """Relative depth (0 at the surface, 1 at the deepest point) from field values."""
+        return np.clip((f - self.level) / (self.peak - self.level + 1e-6), 0, 1)
+
+    def ct_hu(self, X, Y, Z, offset) -> np.ndarray:
+        """CT number of tumour tissue (necrotic core lower) at the coordinates."""
+        f = self.field(X, Y, Z, offset)
+        hu = np.full(f.shape, np.float32(self.hu))
+        if self.necrosis > 0:
+            hu[self.depth(f) > 1.0 - self.necrosis] = np.float32(self.hu - 22.0)
+        return hu
 
     def uptake(self, X, Y, Z, offset) -> np.ndarray:
         """SUV of tumour tissue at the coordinates (meaningful only inside the tumour)."""
@@ -88,7 +124,7 @@ class TumourShape:
         for kx, ky, kz, ph in self.texture.astype(np.float32):
             tex += np.cos(kx * u + ky * v + kz * w + ph)
         tex = tex / max(1.0, np.sqrt(len(self.texture) / 2.0))
-        depth = np.clip((f - self.level) / (f.max() - self.level + 1e-6), 0, 1) if f.size else f
+        depth = self.depth(f)
         viable = self.suv_floor + (self.suv_peak - self.suv_floor) * np.clip(0.55 + 0.3 * tex + 0.45 * depth, 0, 1)
         if self.necrosis > 0:
             core = depth > 1.0 - self.necrosis
@@ -107,27 +143,44 @@ class TumourShape:
             "hu": float(self.hu),
             "inhale_displacement_mm": [float(v) for v in self.amplitude_lps],
             "abutting": self.abutting,
+            "lobules": int(np.sum(self.blobs[:, 3] == self.blobs[:, 4]) - 1),
+            "spicules": int(np.sum(self.blobs[:, 3] != self.blobs[:, 4])),
             **self.extra,
         }
 
 
-def sample_shape(rng: np.random.Generator, diameter_mm: float) -> tuple[np.ndarray, float, float]:
-    """Random lobulated blob set scaled to an equivalent diameter; returns (blobs, level, scale)."""
-    n = int(rng.integers(2, 7))
-    blobs = np.zeros((n, 4))
-    blobs[0] = (0, 0, 0, 1.0)
-    for i in range(1, n):
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
-        blobs[i, :3] = direction * rng.uniform(0.4, 1.0)
-        blobs[i, 3] = rng.uniform(0.45, 0.85)
-    level = float(rng.uniform(0.45, 0.6))
+def sample_shape(rng: np.random.Generator, diameter_mm: float) -> dict:
+    """Random lobulated (sometimes spiculated) shape scaled to an equivalent diameter.
+
+    Returns keyword arguments for :class:`TumourShape`: blobs, level, scale, roughness, surface.
+    """
+    n_lobes = int(rng.integers(2, 7))
+    n_spicules = int(rng.integers(3, 9)) if rng.random() < 0.35 else 0
+    core = rng.uniform(0.55, 0.85)
+    rows = [(0, 0, 0, core, core, 1, 0, 0)]
+    for _ in range(n_lobes):
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        sig = rng.uniform(0.3, 0.65)
+        rows.append((*(d * rng.uniform(0.55, 1.25)), sig, sig, *d))
+    for _ in range(n_spicules):
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        length = rng.uniform(0.5, 1.0)
+        rows.append((*(d * (0.9 + 0.5 * length)), rng.uniform(0.05, 0.09), length, *d))
+    blobs = np.asarray(rows, dtype=np.float64)
+    level = float(rng.uniform(0.5, 0.65))
+    roughness = float(rng.uniform(0.05, 0.2))
+    surface = np.concatenate([rng.normal(size=(5, 3)) * 3.5, rng.uniform(0, 2 * np.pi, size=(5, 1))], axis=1)
+    shape = TumourShape(np.zeros(3), "", 0, blobs, level, 1.0, 0, 0, 0, np.zeros(3), np.zeros((0, 4)),
+                        roughness=roughness, surface=surface)
     # equivalent diameter of the unit-scale shape, measured on a fine cube
-    g = np.linspace(-3, 3, 61, dtype=np.float32)
-    shape = TumourShape(np.zeros(3), "", 0, blobs, level, 1.0, 0, 0, 0, np.zeros(3), np.zeros((0, 4)))
-    vol = shape.inside(g[None, None, :], g[None, :, None], g[:, None, None], (0, 0, 0)).sum() * (g[1] - g[0]) ** 3
+    g = np.linspace(-3, 3, 81, dtype=np.float32)
+    f = shape.field(g[None, None, :], g[None, :, None], g[:, None, None], (0, 0, 0))
+    vol = (f >= level).sum() * (g[1] - g[0]) ** 3
     unit_d = (6.0 * vol / np.pi) ** (1 / 3)
-    return blobs, level, float(diameter_mm / unit_d)
+    return {"blobs": blobs, "level": level, "scale": float(diameter_mm / unit_d), "roughness": roughness,
+            "surface": surface, "peak": float(f.max())}
 
 
 def sample_texture(rng: np.random.Generator) -> np.ndarray:

@@ -198,7 +198,6 @@ def check_ct(ct: SeriesVolume) -> list[Dataset]:
         "Columns",
     )
     first = headers[0]
-    iop0 = np.asarray(first.ImageOrientationPatient, dtype=float) if "ImageOrientationPatient" in first else None
     for index, header in enumerate(headers):
         missing = [k for k in needed if k not in header]
         if missing:
@@ -208,7 +207,9 @@ def check_ct(ct: SeriesVolume) -> list[Dataset]:
         if (header.Rows, header.Columns) != (first.Rows, first.Columns):
             raise GeometryError(f"{ct.description}: slice {index} has a different matrix size")
         iop = np.asarray(header.ImageOrientationPatient, dtype=float)
-        if not np.allclose(iop, iop0, atol=1e-4):
+        if index == 0:
+            iop0 = iop
+        elif not np.allclose(iop, iop0, atol=1e-4):
             raise GeometryError(f"{ct.description}: slice {index} has a different orientation")
     return headers
 
@@ -239,12 +240,16 @@ def label_volume(mask: np.ndarray, ct: SeriesVolume) -> tuple[np.ndarray, int]:
     if mask.dtype == bool:
         return mask.view(np.uint8), 1
     if not np.issubdtype(mask.dtype, np.integer):
-        raise PipelineError(f"{ct.description}: mask must be bool or integer labels, got {mask.dtype}")
+        raise PipelineError(
+            f"{ct.description}: mask must be bool or integer labels, got {mask.dtype}"
+        )
     low, high = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
     if low < 0:
         raise PipelineError(f"{ct.description}: mask holds negative labels")
     if high > 65535:
-        raise PipelineError(f"{ct.description}: mask holds {high} labels, more than a SEG can carry")
+        raise PipelineError(
+            f"{ct.description}: mask holds {high} labels, more than a SEG can carry"
+        )
     dtype = np.uint8 if high < 256 else np.uint16
     labels = mask if mask.dtype == dtype else mask.astype(dtype)
     return labels, max(high, 1)

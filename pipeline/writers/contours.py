@@ -124,8 +124,8 @@ def _merge_holes(cycles: list[np.ndarray], fg: np.ndarray, width: int) -> list[n
     areas = [_corner_area(c, width) for c in cycles]
     owner = list(range(len(cycles)))
     edge_owner: dict[tuple[int, int], int] = {}
-    for index, poly in enumerate(polygons):
-        for a, b in zip(poly, poly[1:] + poly[:1]):
+    for index, cycle in enumerate(cycles):
+        for a, b in zip(cycle.tolist(), np.roll(cycle, -1).tolist(), strict=True):
             edge_owner[(a, b)] = index
 
     def root(index: int) -> int:
@@ -144,7 +144,9 @@ def _merge_holes(cycles: list[np.ndarray], fg: np.ndarray, width: int) -> list[n
         poly = polygons[target]
         hole = polygons[hole_index]
         assert poly is not None and hole is not None
-        at = next(i for i, v in enumerate(poly) if v == above and poly[(i + 1) % len(poly)] == above + 1)
+        at = next(
+            i for i, v in enumerate(poly) if v == above and poly[(i + 1) % len(poly)] == above + 1
+        )
         start = hole.index(top_left)
         rotated = hole[start:] + hole[:start]
         polygons[target] = poly[: at + 1] + rotated + [top_left] + poly[at:]
@@ -227,7 +229,7 @@ def fill_even_odd(loops: list[Loop], shape: tuple[int, int]) -> np.ndarray:
     for loop in loops:
         p = loop.points
         q = np.roll(p, -1, axis=0)
-        for (ra, ca), (rb, cb) in zip(p, q):
+        for (ra, ca), (rb, cb) in zip(p, q, strict=True):
             if ra == rb:
                 continue
             lo, hi = min(ra, rb), max(ra, rb)

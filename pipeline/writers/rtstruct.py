@@ -23,7 +23,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from pipeline.volume import SeriesVolume
@@ -132,8 +132,8 @@ def write_rtstruct(
 
 def _file_meta(instance_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    meta.MediaStorageSOPInstanceUID = instance_uid
+    meta.MediaStorageSOPClassUID = UID(RT_STRUCTURE_SET_STORAGE)
+    meta.MediaStorageSOPInstanceUID = UID(instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta
@@ -197,7 +197,7 @@ def _roi_contour(
     item = Dataset()
     item.ReferencedROINumber = number
     item.ROIDisplayColor = colour
-    contours = []
+    contours: list[Dataset] = []
     for k in np.flatnonzero(labels.any(axis=(1, 2))):
         region = labels[int(k)] == number
         if not region.any():

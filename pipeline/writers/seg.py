@@ -19,6 +19,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
 
 from pipeline.volume import SeriesVolume
 from pipeline.writers.common import (
@@ -125,7 +126,8 @@ def write_seg(
         workers=workers,
     )
     copy_patient_study(ct.headers[0], seg)
-    seg.InstanceCreationDate, seg.InstanceCreationTime = date, time
+    seg.InstanceCreationDate = DA(date)
+    seg.InstanceCreationTime = TM(time)
     return seg
 
 

@@ -85,3 +85,7 @@ def node_factory():
     yield start
     for node in started:
         node.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "orthanc: starts a real Orthanc PACS (Debian orthanc + orthanc-dicomweb)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ def test_events_are_json_lines_with_utc_timestamps(tmp_path: Path) -> None:
     for e in entries:
         ts = datetime.fromisoformat(e["ts"].replace("Z", "+00:00"))
         assert ts.tzinfo is not None and ts.utcoffset().total_seconds() == 0
-        assert abs((datetime.now(timezone.utc) - ts).total_seconds()) < 60
+        assert abs((datetime.now(UTC) - ts).total_seconds()) < 60
     assert entries[0]["calling_ae"] == "CT_SCANNER" and entries[0]["peer"] == "10.0.0.5:40000"
     assert entries[1]["reason"] == "calling AE not allowed"
     assert entries[3]["seconds"] == 12.346 and entries[3]["outputs"] == ["1.2.3.4", "1.2.3.5"]

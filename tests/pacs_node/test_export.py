@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from nodetest_helpers import free_port, make_study
 from pydicom import dcmread
 
-from nodetest_helpers import free_port, make_study
 from pacs_node.config import Destination, ExportConfig
 from pacs_node.export import (
     EchoError,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from nodetest_helpers import make_study
+
 from pacs_node.completion import scan_once
 from pacs_node.config import Destination, ExportConfig
 from pacs_node.exporter import Exporter

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from nodetest_helpers import echoscu, make_study, scu_store_status, storescu
 from pydicom import dcmread
 
-from nodetest_helpers import echoscu, make_study, scu_store_status, storescu
 from pacs_node.ingest import STATUS_OUT_OF_RESOURCES
 
 pytestmark = pytest.mark.peers

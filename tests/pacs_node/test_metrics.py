@@ -166,3 +166,23 @@ def test_node_metrics_cover_the_node_events() -> None:
         assert v[("igtv_jobs", (("state", state),))] == expected
     assert v[("igtv_up", ())] == 1
     assert set(STAGES) >= {"load", "inference", "export"}
+
+
+def test_job_report_timings_become_stage_histograms(tmp_path) -> None:
+    """The observer reads the stage timings of a real report (not its 'total') into the histogram."""
+    from pacs_node.audit import AuditLog, read_events
+    from pacs_node.observability import NodeObserver
+    from pipeline.writers.report import build_report
+
+    m = NodeMetrics()
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    observer = NodeObserver(m, audit)
+    report = build_report([], {"load": 0.5, "inference": 3.0}, {"version": "t"}, {})
+    observer.job_processed(7, "1.2.3", {"report": report, "result_uids": ["1.2.3.9"]}, [], seconds=4.0)
+    v = parse(m.render())
+    assert v[("igtv_stage_duration_seconds_count", (("stage", "load"),))] == 1
+    assert v[("igtv_stage_duration_seconds_sum", (("stage", "inference"),))] == 3.0
+    assert ("igtv_stage_duration_seconds_count", (("stage", "total"),)) not in v
+    assert v[("igtv_jobs_finished_total", (("state", "done"),))] == 1  # no destinations: done at once
+    (event,) = read_events(tmp_path / "audit.jsonl")
+    assert event["event"] == "job_finished" and event["outputs"] == ["1.2.3.9"] and event["seconds"] == 4.0

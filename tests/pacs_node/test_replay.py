@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pydicom import dcmread
-
 from nodetest_helpers import make_study
+from pydicom import dcmread
 
 REPO = Path(__file__).resolve().parents[2]
 

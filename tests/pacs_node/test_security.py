@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from nodetest_helpers import echoscu, make_pki, make_study
 from pydicom import dcmread
 
-from nodetest_helpers import echoscu, make_pki, make_study
 from pacs_node.config import Destination, ListenerConfig, TlsConfig
 from pacs_node.export import EchoError, echo_peer, send_dimse
 from pacs_node.listener import Listener

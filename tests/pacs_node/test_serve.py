@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
 from conftest import node_config
 from nodetest_helpers import echoscu, free_port, make_study, storescu, wait_for, wait_port
+from pydicom import dcmread
+
 from pacs_node.config import Destination
 
 pytestmark = pytest.mark.peers
@@ -30,6 +30,9 @@ def _done_job(node, study_uid, timeout=60):
 def test_study_in_results_out(tmp_path, node_factory, storescp):
     dest = Destination(name="pacs", kind="dimse", ae_title="DEST", host="127.0.0.1", port=storescp.port)
     node = node_factory(node_config(tmp_path / "data", export__destinations=[dest]))
+    seen: list[tuple[str, dict]] = []
+    for name in ("association_accepted", "instance_stored", "job_started", "job_finished", "export_sent"):
+        node.events.subscribe(name, lambda name=name, **kw: seen.append((name, kw)))
     study = make_study(tmp_path / "s", n_ct=5, n_pet=3)
     rle = make_study(tmp_path / "rle", n_ct=2, n_pet=0, rle_ct=True, study_uid=study.study_uid)
     assert storescu(node.dimse_port, study.files).returncode == 0
@@ -42,6 +45,12 @@ def test_study_in_results_out(tmp_path, node_factory, storescp):
     assert all(d.StudyInstanceUID == study.study_uid for d in arrived.values())
     (export,) = node.jobs.exports_of_job(job.id)
     assert export["state"] == "done"
+    wait_for(lambda: any(n == "export_sent" for n, _ in seen), 10, what="export_sent event")
+    names = [n for n, _ in seen]
+    assert names.count("instance_stored") == 10 and names.count("association_accepted") == 2
+    assert names.index("job_started") < names.index("job_finished") < names.index("export_sent")
+    (sent_event,) = [kw for n, kw in seen if n == "export_sent"]
+    assert sent_event["destination"] == "pacs" and sorted(sent_event["sop_uids"]) == sorted(job.result_uids)
     assert node.index.study(study.study_uid)["state"] == "processed"
     # a late instance re-opens the study; the re-run gives the same result UIDs (replaces, not duplicates)
     late = make_study(tmp_path / "late", n_ct=1, n_pet=0, study_uid=study.study_uid)
@@ -109,3 +118,28 @@ def test_restart_resumes_a_running_job(tmp_path, node_factory):
     job = _done_job(node2, study.study_uid)
     assert job.id == claimed.id and job.state == "done", job.reason
     assert job.attempts == 2 and len(job.result_uids) == 2
+
+
+def test_synthetic_study_with_rle_ct_through_storescu(tmp_path, node_factory, storescp, small_study):
+    """A synthetic PET/CT study (CT compressed to RLE by dcmtk dcmcrle) sent by storescu, processed, exported."""
+    dest = Destination(name="pacs", kind="dimse", ae_title="DEST", host="127.0.0.1", port=storescp.port)
+    node = node_factory(node_config(tmp_path / "data", export__destinations=[dest]))
+    rle_dir = tmp_path / "ct-rle"
+    rle_dir.mkdir()
+    ct_files = sorted((small_study / "CT").iterdir())
+    pet_files = sorted((small_study / "PT").iterdir())
+    for f in ct_files:
+        subprocess.run(["dcmcrle", str(f), str(rle_dir / f.name)], check=True, capture_output=True, timeout=30)
+    assert storescu(node.dimse_port, pet_files).returncode == 0
+    res = storescu(node.dimse_port, sorted(rle_dir.iterdir()), extra=["-xr"])
+    assert res.returncode == 0, res.stderr
+    study_uid = dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID
+    info = node.index.study(study_uid)
+    assert info["instance_count"] == len(ct_files) + len(pet_files)
+    assert info["modalities"] == ["CT", "PT"]
+    syntaxes = {r["transfer_syntax"] for r in node.index.query(
+        "SELECT transfer_syntax FROM instances i JOIN series s USING(series_uid) WHERE s.modality='CT'")}
+    assert syntaxes == {"1.2.840.10008.1.2.5"}  # stored as received, decoded later by the pipeline
+    job = _done_job(node, study_uid)
+    assert job.state == "done", job.reason
+    assert {dcmread(p).SOPInstanceUID for p in storescp.files()} == set(job.result_uids)

@@ -6,12 +6,17 @@ import os
 import threading
 
 import pytest
+from nodetest_helpers import make_study
 from pydicom import dcmread
 
-from nodetest_helpers import make_study
 from pacs_node import spool as spool_mod
 from pacs_node.index import Index
-from pacs_node.ingest import STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, Ingest, IngestRejected
+from pacs_node.ingest import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Ingest,
+    IngestRejected,
+)
 from pacs_node.spool import Spool, SpoolFullError
 from pipeline.errors import InvalidUidError
 
@@ -64,6 +69,7 @@ def test_duplicates_are_idempotent(tmp_path, store):
             ingest.store(f.read_bytes(), source="test")
     info = index.study(study.study_uid)
     assert info["instance_count"] == 3
+    assert info["generation"] == 3  # identical resends do not re-open the study (no routing loops)
     assert info["modalities"] == ["CT", "PT"]
     assert len(spool.study_files(study.study_uid)) == 3
     assert sum(s["instance_count"] for s in info["series"]) == 3
@@ -71,6 +77,15 @@ def test_duplicates_are_idempotent(tmp_path, store):
         ds = dcmread(f)
         src = next(p for p in study.files if dcmread(p).SOPInstanceUID == ds.SOPInstanceUID)
         assert f.read_bytes() == src.read_bytes()
+    # a corrected instance with the same SOP Instance UID replaces the stored one and re-opens the study
+    ds = dcmread(study.ct_files[0])
+    ds.SeriesDescription = "corrected"
+    ds.save_as(study.ct_files[0])
+    assert ingest.store(study.ct_files[0].read_bytes(), source="test").duplicate
+    info = index.study(study.study_uid)
+    assert info["instance_count"] == 3 and info["generation"] == 4
+    assert dcmread(spool.instance_path(study.study_uid, ds.SeriesInstanceUID, ds.SOPInstanceUID)).SeriesDescription \
+        == "corrected"
 
 
 def test_instance_with_path_uid_is_refused_by_ingest(tmp_path, store):

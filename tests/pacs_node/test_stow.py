@@ -7,10 +7,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from pydicom import dcmread
-
 from conftest import node_config
 from nodetest_helpers import make_study, wait_for
+from pydicom import dcmread
+
 from pacs_node.config import Destination
 from pacs_node.export import PermanentExportError, TransientExportError, send_dicomweb
 from pacs_node.http import HttpServer, Response, Router

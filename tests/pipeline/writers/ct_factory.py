@@ -164,6 +164,6 @@ def ellipsoid_mask(
     """Bool mask of an ellipsoid in voxel index space scaled by spacing."""
     grids = np.ogrid[tuple(slice(0, n) for n in shape)]
     total = 0.0
-    for g, s, c, r in zip(grids, spacing_zyx, centre_zyx_mm, radii_zyx_mm):
+    for g, s, c, r in zip(grids, spacing_zyx, centre_zyx_mm, radii_zyx_mm, strict=True):
         total = total + ((g * s - c) / r) ** 2
     return np.asarray(total <= 1.0)

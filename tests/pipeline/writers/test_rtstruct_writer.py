@@ -10,8 +10,8 @@ from pydicom import dcmread
 
 from pipeline.errors import GeometryError
 from pipeline.writers.rtstruct import format_ds, write_rtstruct
-from tests.pipeline.writers.conftest import dciodvfy_errors, dice, plastimatch_labelmap
 from tests.pipeline.writers.ct_factory import ellipsoid_mask
+from tests.pipeline.writers.tools import dciodvfy_errors, dice, plastimatch_labelmap
 
 
 def save(ds, tmp_path, name="rtstruct.dcm"):
@@ -22,7 +22,7 @@ def save(ds, tmp_path, name="rtstruct.dcm"):
 
 def sphere(ct, diameter_mm: float, centre_zyx_mm=None) -> np.ndarray:
     shape = ct.volume.array.shape
-    extent = [n * s for n, s in zip(shape, ct.spacing_zyx)]
+    extent = [n * s for n, s in zip(shape, ct.spacing_zyx, strict=True)]
     centre = centre_zyx_mm or tuple(e / 2 for e in extent)
     radius = diameter_mm / 2
     return ellipsoid_mask(shape, ct.spacing_zyx, centre, (radius, radius, radius))
@@ -33,10 +33,16 @@ def sphere(ct, diameter_mm: float, centre_zyx_mm=None) -> np.ndarray:
     ("diameter_mm", "orientation", "descending"),
     [(5.0, "HFS", False), (12.0, "FFS", True), (30.0, "HFS", True), (60.0, "FFS", False)],
 )
-def test_spheres_round_trip_through_plastimatch(ct_factory, info, tmp_path, diameter_mm, orientation, descending):
+def test_spheres_round_trip_through_plastimatch(
+    ct_factory, info, tmp_path, diameter_mm, orientation, descending
+):
     slices = int(np.ceil(diameter_mm / 2.0)) + 6
-    ct = ct_factory(shape=(slices, 80, 80), spacing_zyx=(2.0, 0.9765625, 0.9765625),
-                    orientation=orientation, descending=descending)
+    ct = ct_factory(
+        shape=(slices, 80, 80),
+        spacing_zyx=(2.0, 0.9765625, 0.9765625),
+        orientation=orientation,
+        descending=descending,
+    )
     mask = sphere(ct, diameter_mm)
     assert mask.any()
     path = save(write_rtstruct(mask, ct.volume, info), tmp_path)
@@ -60,7 +66,9 @@ def hollow_and_two_part(ct) -> np.ndarray:
 def test_hole_and_two_part_tumour_round_trip(ct_factory, info, tmp_path, keyhole, xor):
     ct = ct_factory(shape=(16, 80, 80), spacing_zyx=(2.0, 0.9765625, 0.9765625))
     mask = hollow_and_two_part(ct)
-    hole_slice = int(np.flatnonzero(mask.any(axis=(1, 2)))[len(np.flatnonzero(mask.any(axis=(1, 2)))) // 2])
+    hole_slice = int(
+        np.flatnonzero(mask.any(axis=(1, 2)))[len(np.flatnonzero(mask.any(axis=(1, 2)))) // 2]
+    )
     assert mask[hole_slice, 40, 36] == 0 and (mask[hole_slice] == 1).any()
     path = save(write_rtstruct(mask, ct.volume, info, keyhole=keyhole), tmp_path)
     labels = plastimatch_labelmap(path, ct, tmp_path / "pl", ["IGTV", "IGTV 2"], xor=xor)
@@ -112,7 +120,7 @@ def test_structure_references_and_contours(small_ct, info, tmp_path):
             key = (roi.ReferencedROINumber, ref.ReferencedSOPInstanceUID)
             regions_per_slice[key] = regions_per_slice.get(key, 0) + 1
     # Keyhole: one contour per connected region, holes included; the two-part lesion gives two.
-    middle = ct.sop_instance_uids[int(round(16.0 / small_ct.spacing_zyx[0]))]
+    middle = ct.sop_instance_uids[round(16.0 / small_ct.spacing_zyx[0])]
     assert regions_per_slice[(1, middle)] == 1
     assert regions_per_slice[(2, middle)] == 2
 
@@ -127,7 +135,9 @@ def test_ds_values_fit_16_characters(small_ct, info, tmp_path):
 
 
 def test_interpreted_type_colour_and_names_from_info(small_ct, info):
-    custom = dataclasses.replace(info, roi_name="ITV_AI", roi_interpreted_type="CTV", roi_color=(0, 128, 255))
+    custom = dataclasses.replace(
+        info, roi_name="ITV_AI", roi_interpreted_type="CTV", roi_color=(0, 128, 255)
+    )
     ds = write_rtstruct(sphere(small_ct, 20.0), small_ct.volume, custom)
     assert ds.StructureSetROISequence[0].ROIName == "ITV_AI"
     assert ds.RTROIObservationsSequence[0].RTROIInterpretedType == "CTV"
@@ -140,7 +150,10 @@ def test_uids_are_deterministic_and_depend_on_model_version(small_ct, info):
     mask = sphere(small_ct, 20.0)
     first = write_rtstruct(mask, small_ct.volume, info)
     again = write_rtstruct(mask, small_ct.volume, info)
-    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
     other = write_rtstruct(mask, small_ct.volume, dataclasses.replace(info, model_version="v2"))
     assert other.SeriesInstanceUID != first.SeriesInstanceUID
     assert other.SOPInstanceUID != first.SOPInstanceUID
@@ -160,6 +173,10 @@ def test_mask_off_the_ct_grid_is_refused(small_ct, info):
 
 @pytest.mark.parametrize("orientation", ["HFS", "ROT20"])
 def test_passes_dciodvfy(ct_factory, info, tmp_path, orientation):
-    ct = ct_factory(shape=(16, 80, 80), spacing_zyx=(2.0, 0.9765625, 0.9765625), orientation=orientation)
-    errors, output = dciodvfy_errors(save(write_rtstruct(hollow_and_two_part(ct), ct.volume, info), tmp_path))
+    ct = ct_factory(
+        shape=(16, 80, 80), spacing_zyx=(2.0, 0.9765625, 0.9765625), orientation=orientation
+    )
+    errors, output = dciodvfy_errors(
+        save(write_rtstruct(hollow_and_two_part(ct), ct.volume, info), tmp_path)
+    )
     assert errors == [], output

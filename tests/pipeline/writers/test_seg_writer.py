@@ -12,14 +12,16 @@ from pydicom.sr.codedict import codes
 
 from pipeline.errors import GeometryError
 from pipeline.writers.seg import write_seg
-from tests.pipeline.writers.conftest import dciodvfy_errors
 from tests.pipeline.writers.ct_factory import ellipsoid_mask
+from tests.pipeline.writers.tools import dciodvfy_errors
 
 
 def lesions(ct) -> np.ndarray:
     """Label mask with two lesions, the first with a hole, on ``ct``'s grid."""
     shape = ct.volume.array.shape
-    mask = ellipsoid_mask(shape, ct.spacing_zyx, (18.0, 45.0, 40.0), (9.0, 14.0, 12.0)).astype(np.uint8)
+    mask = ellipsoid_mask(shape, ct.spacing_zyx, (18.0, 45.0, 40.0), (9.0, 14.0, 12.0)).astype(
+        np.uint8
+    )
     mask[5:7, 44:48, 38:42] = 0
     mask[ellipsoid_mask(shape, ct.spacing_zyx, (24.0, 70.0, 75.0), (4.0, 5.0, 5.0))] = 2
     return mask
@@ -71,8 +73,16 @@ def test_references_every_ct_image_and_copies_patient_and_study(small_ct, info):
     }
     assert referenced == set(ct.sop_instance_uids)
     source = ct.headers[0]
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                    "StudyDate", "AccessionNumber", "StudyID"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "AccessionNumber",
+        "StudyID",
+    ):
         assert seg[keyword].value == source[keyword].value, keyword
     assert seg.FrameOfReferenceUID == ct.frame_of_reference_uid
     assert seg.SeriesInstanceUID != ct.series_instance_uid
@@ -104,7 +114,10 @@ def test_uids_are_deterministic_and_depend_on_model_version(small_ct, info):
     mask = lesions(small_ct)
     first = write_seg(mask, small_ct.volume, info)
     again = write_seg(mask, small_ct.volume, info)
-    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
     assert first.StudyInstanceUID == small_ct.volume.study_instance_uid
     other = write_seg(mask, small_ct.volume, dataclasses.replace(info, model_version="ckpt-2024.2"))
     assert other.SeriesInstanceUID != first.SeriesInstanceUID
@@ -130,3 +143,20 @@ def test_passes_dciodvfy(small_ct, info, tmp_path):
     errors, output = dciodvfy_errors(path)
     assert errors == [], output
     assert dcmread(path).file_meta.MediaStorageSOPClassUID == hd.UID("1.2.840.10008.5.1.4.1.1.66.4")
+
+
+def test_non_ascii_names_and_series_numbers_survive_both_writers(ct_factory, info, tmp_path):
+    from pipeline.writers.rtstruct import write_rtstruct
+
+    ct = ct_factory(patient_name="Müller^Jürgen")
+    numbered = dataclasses.replace(info, series_number=42)
+    mask = lesions(ct)
+    for name, ds, number in (
+        ("seg.dcm", write_seg(mask, ct.volume, numbered), 42),
+        ("rtstruct.dcm", write_rtstruct(mask, ct.volume, numbered), 43),
+    ):
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        back = dcmread(path)
+        assert str(back.PatientName) == "Müller^Jürgen"
+        assert back.SeriesNumber == number

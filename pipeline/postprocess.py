@@ -1,0 +1,135 @@
+"""From a probability map on the CT grid to labelled lesions and their measurements.
+
+Steps: threshold, 3D connected components (26-connectivity), removal of
+components smaller than ``min_component_cc``, at most ``keep`` components
+(largest first), then hole filling per component in 3D and in every axial slice.
+Components are numbered 1..n by decreasing volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+_FULL = ndimage.generate_binary_structure(3, 3)
+_PLANAR = np.zeros((3, 3, 3), dtype=bool)
+_PLANAR[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def postprocess(
+    prob: np.ndarray,
+    spacing_zyx: Sequence[float],
+    threshold: float = 0.5,
+    min_component_cc: float = 0.1,
+    keep: int = 5,
+) -> np.ndarray:
+    """Labelled lesion mask (int32 (Z, Y, X); 0 background, 1 the largest lesion, ...).
+
+    Parameters
+    ----------
+    prob:
+        Probabilities on the CT grid (Z, Y, X).
+    spacing_zyx:
+        Voxel spacing in mm (z, y, x).
+    threshold:
+        Voxels with ``prob >= threshold`` are foreground.
+    min_component_cc:
+        Components smaller than this volume are removed.
+    keep:
+        At most this many components are kept (largest first); 0 keeps none.
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 3:
+        raise ValueError(f"prob must be (Z, Y, X), got shape {prob.shape}")
+    voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
+    fg = prob >= threshold
+    labels, n = ndimage.label(fg, structure=_FULL)
+    del fg
+    out = np.zeros(prob.shape, dtype=np.int32)
+    if n == 0 or keep <= 0:
+        return out
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_cc >= min_component_cc]
+    boxes = ndimage.find_objects(labels)
+    for new, old in enumerate(order[:keep], start=1):
+        box = boxes[old - 1]
+        padded = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
+        part = labels[padded] == old
+        part = ndimage.binary_fill_holes(part)
+        part = ndimage.binary_fill_holes(part, structure=_PLANAR)
+        region = out[padded]
+        region[part & (region == 0)] = new
+    return out
+
+
+def component_report(
+    mask: np.ndarray,
+    suv: np.ndarray,
+    spacing_zyx: Sequence[float],
+    origin: Sequence[float] | None = None,
+    direction: Sequence[float] | None = None,
+) -> list[dict]:
+    """Measurements of each lesion, in label order.
+
+    Parameters
+    ----------
+    mask:
+        Labelled mask (as from :func:`postprocess`) or a boolean mask (labelled here, 26-connected).
+    suv:
+        SUV on the same grid.
+    spacing_zyx:
+        Voxel spacing in mm (z, y, x).
+    origin, direction:
+        CT origin (x, y, z) and direction cosines (9 values, row-major as in
+        SimpleITK); when given, centroids are also reported in LPS mm and the
+        extents are named by patient axis (left-right, anterior-posterior,
+        superior-inferior) instead of assuming an axial head-first grid.
+
+    Returns
+    -------
+    list[dict]
+        ``label, voxels, volume_cc, suv_max, suv_mean, si_extent_mm, ap_extent_mm,
+        lr_extent_mm, centroid_voxel_zyx`` (and ``centroid_mm_lps`` with ``origin``).
+    """
+    mask = np.asarray(mask)
+    suv = np.asarray(suv)
+    if mask.shape != suv.shape:
+        raise ValueError(f"mask {mask.shape} and SUV {suv.shape} differ in shape")
+    if mask.dtype == bool:
+        labels, _ = ndimage.label(mask, structure=_FULL)
+    else:
+        labels = mask.astype(np.int32, copy=False)
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    voxel_cc = float(np.prod(spacing)) / 1000.0
+    d = np.asarray(direction if direction is not None else np.eye(3).ravel(), dtype=float).reshape(3, 3)
+    # Patient axis (0=x LR, 1=y AP, 2=z SI) along which each array axis (z, y, x) runs.
+    axis_of = {a: int(np.argmax(np.abs(d[:, 2 - a]))) for a in range(3)}
+    names = {0: "lr_extent_mm", 1: "ap_extent_mm", 2: "si_extent_mm"}
+    report = []
+    boxes = ndimage.find_objects(labels)
+    for label, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        region = labels[box] == label
+        values = suv[box][region]
+        idx = np.argwhere(region) + np.asarray([s.start for s in box])
+        extents = (idx.max(axis=0) - idx.min(axis=0) + 1) * spacing
+        centroid = idx.mean(axis=0)
+        item = {
+            "label": label,
+            "voxels": int(region.sum()),
+            "volume_cc": round(float(region.sum()) * voxel_cc, 4),
+            "suv_max": round(float(values.max()), 4),
+            "suv_mean": round(float(values.mean()), 4),
+        }
+        for a in range(3):
+            item[names[axis_of[a]]] = round(float(extents[a]), 2)
+        item["centroid_voxel_zyx"] = [round(float(v), 2) for v in centroid]
+        if origin is not None:
+            xyz = centroid[::-1] * spacing[::-1]
+            point = np.asarray(origin, dtype=float) + d @ xyz
+            item["centroid_mm_lps"] = [round(float(v), 2) for v in point]
+        report.append(item)
+    return report

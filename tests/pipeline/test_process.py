@@ -1,0 +1,99 @@
+"""The whole worker path on a synthetic study, with an oracle in place of the network.
+
+The oracle returns the truth IGTV on the model grid, so every geometric step
+(crop, in-plane resampling, K-slice windows, back-projection, writers) must be
+right for the SEG and RTSTRUCT to match the truth on the CT grid.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from model.preprocessing import Preprocessing
+from pipeline import geometry, labels, reader, selection, stacks, suv
+from pipeline.errors import MissingPetError
+from pipeline.process import process_study
+from pipeline.settings import ProcessSettings
+
+
+class OraclePredictor:
+    """Predicts the truth: built from the same stack geometry the pipeline uses."""
+
+    version = "oracle-1"
+
+    def __init__(self, study_dir: Path, prep: Preprocessing) -> None:
+        self.preprocessing = prep
+        scan = reader.scan_files(sorted(study_dir.rglob("*.dcm")))
+        chosen = selection.select_pet_ct(scan.series)
+        ct = reader.load_volume(chosen.ct)
+        pet_on_ct, _ = geometry.pet_onto_ct(suv.to_suv(reader.load_volume(chosen.pet)), ct)
+        truth = labels.mask_from_seg(pydicom.dcmread(study_dir / "truth" / "seg_igtv.dcm"), ct, "IGTV")
+        built = stacks.build_stacks(ct, pet_on_ct, prep)
+        self.expected_shape = built.inputs.shape
+        self.answer = built.labels_from_ct_grid(truth).astype(np.float32)
+        self.truth = truth
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        assert inputs.shape == self.expected_shape, "the pipeline built different stacks"
+        assert inputs.dtype == np.float32
+        return self.answer
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.fixture(scope="module")
+def oracle_run(small_study, tmp_path_factory):
+    prep = Preprocessing(slices=3)
+    oracle = OraclePredictor(small_study, prep)
+    out = tmp_path_factory.mktemp("results")
+    result = process_study(sorted(small_study.rglob("*.dcm")), out, ProcessSettings(), predictor=oracle)
+    return oracle, result, out
+
+
+def test_outputs_are_written_and_described(oracle_run):
+    oracle, result, out = oracle_run
+    assert [p.name for p in result.outputs] == ["seg.dcm", "rtstruct.dcm", "preview.png", "report.json"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in result.outputs)
+    assert any("PT" in line for line in result.found) and any("CT" in line for line in result.found)
+    assert any("SEG" in what or "seg" in why.lower() for what, why in result.skipped)
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["version"] == "oracle-1"
+    assert {"load", "suv", "register", "stacks", "inference", "writers"} <= set(report["timings_s"])
+
+
+def test_seg_matches_truth_through_the_whole_path(oracle_run, small_study):
+    oracle, result, out = oracle_run
+    ct_series = selection.select_pet_ct(reader.scan_files(sorted(small_study.rglob("*.dcm"))).series).ct
+    ct = reader.load_volume(ct_series)
+    seg = pydicom.dcmread(out / "seg.dcm")
+    got = labels.mask_from_seg(seg, ct, "IGTV")
+    assert dice(got, oracle.truth) > 0.9
+    rts = pydicom.dcmread(out / "rtstruct.dcm")
+    got_rt = labels.mask_from_rtstruct(rts, ct, ["IGTV"])
+    assert dice(got_rt, got) > 0.98
+    assert seg.StudyInstanceUID == ct.study_instance_uid == rts.StudyInstanceUID
+
+
+def test_rerun_replaces_results_with_the_same_uids(oracle_run, small_study, tmp_path):
+    oracle, result, out = oracle_run
+    again = process_study(sorted(small_study.rglob("*.dcm")), tmp_path, ProcessSettings(), predictor=oracle)
+    for a, b in zip(result.dicom_outputs, again.dicom_outputs, strict=True):
+        da, db = pydicom.dcmread(a), pydicom.dcmread(b)
+        assert (da.SOPInstanceUID, da.SeriesInstanceUID) == (db.SOPInstanceUID, db.SeriesInstanceUID)
+
+
+def test_ct_only_study_is_refused_with_a_clear_reason(small_study, tmp_path):
+    ct_only = tmp_path / "ct-only"
+    shutil.copytree(small_study / "CT", ct_only / "CT")
+    with pytest.raises(MissingPetError, match="PET"):
+        process_study(sorted(ct_only.rglob("*.dcm")), tmp_path / "out", ProcessSettings(), predictor=object())
+    assert len(list((ct_only / "CT").iterdir())) > 0  # input kept
