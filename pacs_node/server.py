@@ -15,7 +15,7 @@ from pacs_node.events import NodeEvents
 from pacs_node.exporter import Exporter
 from pacs_node.http import HttpServer, Response, Router
 from pacs_node.index import Index
-from pacs_node.listener import Listener
+from pacs_node.listener import STORAGE_SOP_CLASSES, Listener
 from pacs_node.metrics import NodeMetrics
 from pacs_node.observability import NodeObserver, ObservedIngest, ObservedJobQueue
 from pacs_node.spool import Spool
@@ -51,6 +51,7 @@ class NodeServer:
             self.observer, self.spool, self.index,
             max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
             max_instances_per_study=cfg.listener.max_instances_per_study, events=self.events,
+            sop_classes=[str(c) for c in STORAGE_SOP_CLASSES],
         )
         self.listener = Listener(cfg.listener, self.ingest, extra_handlers=self.observer.listener_handlers())
         self.router = Router()
