@@ -372,3 +372,37 @@ def peak_rss_mb(pid: int) -> float:
         except OSError:
             pass
     return total
+
+
+class ThresholdPredictor:
+    """Stand-in for ``model.predict.Predictor`` until the model lands: SUV threshold on the centre slice.
+
+    Exercises every pipeline stage around the model (stacks, back-projection, post-processing, writers).
+    """
+
+    version = "threshold-stand-in"
+
+    def __init__(self) -> None:
+        from model.preprocessing import Preprocessing
+
+        self.preprocessing = Preprocessing()
+
+    def predict(self, inputs):
+        import numpy as np
+
+        centre = inputs.shape[2] // 2
+        pet = np.asarray(inputs[:, 0, centre], dtype=np.float32)
+        return (pet > 0.45).astype(np.float32)[:, None]
+
+
+def pipeline_process(paths, out_dir, settings):
+    """The real ``pipeline.process.process_study``; with the threshold stand-in while no model is shipped."""
+    from pipeline.process import process_study
+
+    try:
+        from model.predict import Predictor
+
+        predictor = Predictor.load(settings.checkpoint, device=settings.device)
+    except ImportError:
+        predictor = ThresholdPredictor()
+    return process_study(paths, out_dir, settings, predictor=predictor)
