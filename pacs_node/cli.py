@@ -29,6 +29,11 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Third-party libraries narrate every attribute they copy or PDU they see at INFO;
+    # keep them to warnings unless the operator asked for DEBUG.
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("highdicom", "pynetdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(exc: Exception) -> None:
@@ -132,11 +137,10 @@ def demo(
     seed: int = typer.Option(1234, help="Seed of the synthetic study."),
 ) -> None:
     """The embedded default: synthesise one PET/CT study and replay it through the whole pipeline."""
-    from pipeline.synth.generate import SynthOptions, generate_studies
-
     from pacs_node.config import NodeConfig
     from pacs_node.replay import run_replay
     from pipeline.errors import IgtvError
+    from pipeline.synth.generate import SynthOptions, generate_studies
 
     _setup_logging("INFO")
     try:
@@ -146,7 +150,8 @@ def demo(
         code = run_replay(study, out / "results", [], NodeConfig())
     except IgtvError as exc:
         _fail(exc)
-    typer.echo(f"Results in {(out / 'results').resolve()}")
+    if code == 0:
+        typer.echo(f"Results in {(out / 'results').resolve()}")
     raise typer.Exit(code=code)
 
 

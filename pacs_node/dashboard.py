@@ -61,6 +61,8 @@ SECURITY_HEADERS = {
 }
 # Share of the work done when a job enters a state (for the progress bar).
 _STATE_PROGRESS = {"queued": 0.0, "running": 0.1, "exporting": 0.9, "done": 1.0, "failed": 1.0}
+# While running, the pipeline's own fraction (reported per stage by the worker process) spans this range.
+_RUNNING_PROGRESS = (0.1, 0.9)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -362,10 +364,15 @@ class Dashboard:
     def _job_view(self, row: dict[str, Any]) -> dict[str, Any]:
         report = _loads(row.get("report"), None)
         timings = report.get("timings_s") if isinstance(report, dict) else None
+        if not isinstance(timings, dict):  # still running: the stages the worker process finished so far
+            timings = _loads(row.get("stage_timings"), None)
         timings = timings if isinstance(timings, dict) else {}
         started, finished = row.get("started"), row.get("finished")
         end = finished or (time.time() if row["state"] in ("running", "exporting") else None)
         progress = _STATE_PROGRESS.get(row["state"], 0.0)
+        stage_fraction = _number(row.get("stage_fraction"))
+        if row["state"] == "running" and stage_fraction is not None:
+            progress = _RUNNING_PROGRESS[0] + (_RUNNING_PROGRESS[1] - _RUNNING_PROGRESS[0]) * stage_fraction
         if row["state"] == "exporting":
             exports = self.jobs.exports_of_job(row["id"])
             if exports:
@@ -381,6 +388,8 @@ class Dashboard:
             "finished": finished,
             "elapsed_s": round(end - started, 3) if started and end else None,
             "progress": round(progress, 3),
+            "stage": row.get("stage") if row["state"] == "running" else None,
+            "stage_fraction": stage_fraction,
             "timings": timings,
             "numbers": report_numbers(report if isinstance(report, dict) else None),
             "has_preview": self._output(row, "preview.png") is not None,

@@ -55,25 +55,24 @@ class Exporter:
         return len(due)
 
     def _attempt(self, row: dict, now: float) -> None:
+        what = {"job_id": row["job_id"], "destination": row["destination"]}
         dest = self.destinations.get(row["destination"])
         if dest is None:
-            self.jobs.export_failed(row["id"], f"destination {row['destination']!r} is no longer configured")
+            self._fail(row["id"], f"destination {row['destination']!r} is no longer configured", what)
             return
         job = self.jobs.job(row["job_id"])
         files = [Path(p) for p in job.dicom_outputs] if job else []
         missing = [str(p) for p in files if not p.exists()]
         if not files or missing:
-            self.jobs.export_failed(row["id"], f"result files missing: {missing or 'none recorded'}")
+            self._fail(row["id"], f"result files missing: {missing or 'none recorded'}", what)
             return
         attempt = row["attempts"] + 1
         start = time.perf_counter()
-        what = {"job_id": row["job_id"], "destination": dest.name}
         try:
             sent = send_files(dest, files, self.cfg, self.calling_ae)
         except TransientExportError as exc:
             if attempt >= self.cfg.max_attempts:
-                self.jobs.export_failed(row["id"], f"{exc} (gave up after {attempt} attempts)")
-                self.events.emit("export_failed", reason=f"{exc} (gave up after {attempt} attempts)", **what)
+                self._fail(row["id"], f"{exc} (gave up after {attempt} attempts)", what)
                 log.error("export of job %d to %s failed for good: %s", row["job_id"], dest.name, exc)
             else:
                 delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
@@ -82,13 +81,19 @@ class Exporter:
                 log.warning("export of job %d to %s: %s; retry in %.1f s", row["job_id"], dest.name, exc, delay)
             return
         except (PermanentExportError, IgtvError, OSError) as exc:
-            self.jobs.export_failed(row["id"], str(exc))
-            self.events.emit("export_failed", reason=str(exc), **what)
+            self._fail(row["id"], str(exc), what)
             log.error("export of job %d to %s failed: %s", row["job_id"], dest.name, exc)
             return
+        seconds = time.perf_counter() - start
+        self.events.emit("export_sent", sop_uids=sent, seconds=seconds, study_uid=job.study_uid,
+                         target=dest.url or f"{dest.ae_title}@{dest.host}:{dest.port}", **what)
         self.jobs.export_sent(row["id"], sent)
-        self.events.emit("export_sent", sop_uids=sent, seconds=time.perf_counter() - start, **what)
         log.info("job %d: sent %d result(s) to %s", row["job_id"], len(sent), dest.name)
+
+    def _fail(self, export_id: int, reason: str, what: dict) -> None:
+        """An export failed for good: record it, then tell subscribers."""
+        self.jobs.export_failed(export_id, reason)
+        self.events.emit("export_failed", reason=reason, **what)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.errors import IgtvError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -70,7 +70,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT,                     -- JSON list of paths
     dicom_outputs TEXT,               -- JSON list of paths
     result_uids TEXT,                 -- JSON list of SOP Instance UIDs
-    report TEXT                       -- JSON
+    report TEXT,                      -- JSON
+    stage TEXT,                       -- pipeline stage running now (worker process writes it)
+    stage_fraction REAL,              -- share of the pipeline done, 0..1
+    stage_timings TEXT                -- JSON {stage: seconds}; the report's timings once processed
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
@@ -87,6 +90,12 @@ CREATE TABLE IF NOT EXISTS exports (
 );
 CREATE INDEX IF NOT EXISTS exports_state ON exports(state, next_at);
 """
+
+# Statements that bring an index of version N to version N + 1.
+_MIGRATIONS = {
+    1: "ALTER TABLE jobs ADD COLUMN stage TEXT; ALTER TABLE jobs ADD COLUMN stage_fraction REAL; "
+       "ALTER TABLE jobs ADD COLUMN stage_timings TEXT;",
+}
 
 
 class IndexSchemaError(IgtvError):
@@ -130,11 +139,13 @@ class Index:
         con = self.connection()
         with self._write_lock:
             version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if not 0 <= version <= SCHEMA_VERSION:
                 raise IndexSchemaError(
                     f"index {self.path} has schema version {version}, this node knows {SCHEMA_VERSION}"
                 )
-            con.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+            # a new file gets the current schema; an older one its missing migrations
+            steps = "".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)) if version else ""
+            con.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{steps}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
 
     # -- connections --------------------------------------------------------------
     def connection(self) -> sqlite3.Connection:

@@ -98,6 +98,8 @@ class Ingest:
         self.events.emit("instance_stored", study_uid=res.study_uid, series_uid=res.series_uid, sop_uid=res.sop_uid,
                          modality=modality, size=size, source=source, duplicate=res.duplicate,
                          seconds=time.perf_counter() - start)
+        if not res.duplicate and self.index.study_instance_count(res.study_uid) == 1:
+            self.events.emit("study_received", study_uid=res.study_uid, source=source)
         return res
 
     def _store(self, part10: bytes, source: str, expected_study: str | None) -> tuple[IngestResult, str, int]:

@@ -12,9 +12,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pacs_node.events import NodeEvents
 from pacs_node.index import Index, dumps
 
 JOB_STATES = ("queued", "running", "exporting", "done", "failed")
+
+
+def stage_timings(report: Any) -> dict[str, float]:
+    """The stage seconds of a pipeline report (its ``timings_s``), without the ``total``."""
+    timings = report.get("timings_s") if isinstance(report, dict) else None
+    if not isinstance(timings, dict):
+        return {}
+    return {str(k): float(v) for k, v in timings.items()
+            if k != "total" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass
@@ -42,10 +52,19 @@ class Job:
 
 
 class JobQueue:
-    """Jobs and exports over an :class:`Index`."""
+    """Jobs and exports over an :class:`Index`.
 
-    def __init__(self, index: Index) -> None:
+    Parameters
+    ----------
+    index:
+        Where jobs and exports are kept.
+    events:
+        Receives ``job_done`` and ``job_failed`` when a job reaches its final state.
+    """
+
+    def __init__(self, index: Index, events: NodeEvents | None = None) -> None:
         self.index = index
+        self.events = events or NodeEvents()
 
     # -- jobs -----------------------------------------------------------------------
     def enqueue(self, study_uid: str, generation: int) -> int:
@@ -85,7 +104,9 @@ class JobQueue:
                 "WHERE study_uid=?",
                 (reason, generation, study_uid),
             )
-        return int(cur.lastrowid)
+        job_id = int(cur.lastrowid)
+        self.events.emit("job_failed", job_id=job_id, study_uid=study_uid, reason=reason)
+        return job_id
 
     def claim(self) -> Job | None:
         """Take the oldest queued job (-> running, attempts + 1), or None."""
@@ -95,11 +116,22 @@ class JobQueue:
             if not row:
                 return None
             con.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, reason=NULL "
-                "WHERE id=?",
+                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, reason=NULL, "
+                "stage=NULL, stage_fraction=0, stage_timings=NULL WHERE id=?",
                 (now, now, row[0]),
             )
         return self.job(int(row[0]))
+
+    def set_progress(self, job_id: int, stage: str, fraction: float, timings: dict[str, float]) -> None:
+        """A running job entered ``stage`` with ``fraction`` of the pipeline done; ``timings``: stages so far.
+
+        Called from the worker process (a second connection to the WAL index).
+        """
+        with self.index.write() as con:
+            con.execute(
+                "UPDATE jobs SET stage=?, stage_fraction=?, stage_timings=? WHERE id=? AND state='running'",
+                (stage, min(1.0, max(0.0, float(fraction))), dumps(timings), job_id),
+            )
 
     def job(self, job_id: int) -> Job | None:
         """One job, or None."""
@@ -137,13 +169,15 @@ class JobQueue:
         """Store a job's outputs; -> exporting (one pending export per destination) or done."""
         now = time.time()
         state = "exporting" if destinations else "done"
+        timings = stage_timings(result.get("report"))
         with self.index.write() as con:
             con.execute(
                 "UPDATE jobs SET state=?, updated=?, finished=?, out_dir=?, outputs=?, dicom_outputs=?, "
-                "result_uids=?, report=? WHERE id=?",
+                "result_uids=?, report=?, stage=NULL, stage_fraction=1, "
+                "stage_timings=COALESCE(?, stage_timings) WHERE id=?",
                 (state, now, None if destinations else now, str(result["out_dir"]), dumps(result["outputs"]),
                  dumps(result["dicom_outputs"]), dumps(result["result_uids"]), dumps(result.get("report")),
-                 job_id),
+                 dumps(timings) if timings else None, job_id),
             )
             for name in destinations:
                 con.execute(
@@ -152,6 +186,8 @@ class JobQueue:
                 )
             if not destinations:
                 self._study_done(con, job_id)
+        if not destinations:
+            self._emit_final(job_id)
 
     def fail(self, job_id: int, reason: str) -> None:
         """-> failed with ``reason``; the study shows the reason too."""
@@ -165,6 +201,23 @@ class JobQueue:
                 "UPDATE studies SET state='failed', reason=? WHERE study_uid=(SELECT study_uid FROM jobs WHERE id=?)",
                 (reason, job_id),
             )
+        self._emit_final(job_id)
+
+    def _emit_final(self, job_id: int) -> None:
+        """Emit ``job_done`` or ``job_failed`` for a job that reached its final state."""
+        rows = self.index.query(
+            "SELECT study_uid, state, reason, started, finished, result_uids FROM jobs WHERE id=?", (job_id,)
+        )
+        if not rows or rows[0]["state"] not in ("done", "failed"):
+            return
+        row = rows[0]
+        if row["state"] == "failed":
+            self.events.emit("job_failed", job_id=job_id, study_uid=row["study_uid"], reason=row["reason"] or "")
+            return
+        started, finished = row["started"], row["finished"]
+        seconds = max(0.0, float(finished) - float(started)) if started is not None and finished else 0.0
+        self.events.emit("job_done", job_id=job_id, study_uid=row["study_uid"], seconds=seconds,
+                         result_uids=json.loads(row["result_uids"] or "[]"))
 
     def _study_done(self, con: Any, job_id: int) -> None:
         con.execute(
@@ -229,6 +282,7 @@ class JobQueue:
                     "UPDATE jobs SET state='done', reason=NULL, updated=?, finished=? WHERE id=?", (now, now, job_id)
                 )
                 self._study_done(con, job_id)
+        self._emit_final(job_id)
 
     def resend(self, job_id: int, destinations: list[str]) -> None:
         """Queue the outputs of a finished job for sending again (dashboard 'resend')."""

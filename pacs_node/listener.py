@@ -79,6 +79,8 @@ class Listener:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
             *(extra_handlers or []),
         ]
         self._server: Any = None
@@ -130,5 +132,13 @@ class Listener:
 
     def _on_rejected(self, event: Any) -> None:
         peer = self._peer(event)
-        log.warning("association from %s (%s) rejected", peer["calling_ae"], peer["peer"])
-        self.ingest.events.emit("association_rejected", **peer)
+        reason = "rejected"
+        if self.cfg.allow_aet and peer["calling_ae"] not in self.cfg.allow_aet:
+            reason = "calling AE title not allowed"
+        elif self.cfg.require_called_aet and peer["called_ae"] != self.cfg.ae_title:
+            reason = "called AE title is not ours"
+        log.warning("association from %s (%s) rejected: %s", peer["calling_ae"], peer["peer"], reason)
+        self.ingest.events.emit("association_rejected", reason=reason, **peer)
+
+    def _on_ended(self, event: Any) -> None:
+        self.ingest.events.emit("association_ended", **self._peer(event))

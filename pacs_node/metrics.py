@@ -301,10 +301,10 @@ STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 class NodeMetrics:
     """Every metric the node exposes on ``/metrics``, with one call per event.
 
-    The listener calls :meth:`association_accepted`, :meth:`association_rejected`,
-    :meth:`instance_received` and :meth:`study_received`; the job runner calls
-    :meth:`observe_stages` with the stage timings of a finished job; the
-    exporter calls :meth:`export_attempt` and :meth:`export_retry`. The server
+    :class:`pacs_node.observability.NodeObserver` calls these from the node's
+    events (:mod:`pacs_node.events`): associations, instances and studies
+    received, :meth:`observe_stages` with the stage timings of a finished job,
+    :meth:`export_attempt` and :meth:`export_retry`. The server
     binds :meth:`bind_job_counts` and :meth:`bind_spool_free` to read those at
     scrape time. Stage timings measured in the worker process travel back with
     the job result and are observed here, in the server process.

@@ -15,9 +15,11 @@ from pacs_node.events import NodeEvents
 from pacs_node.exporter import Exporter
 from pacs_node.http import HttpServer, Response, Router
 from pacs_node.index import Index
+from pacs_node.ingest import Ingest
+from pacs_node.jobs import JobQueue
 from pacs_node.listener import STORAGE_SOP_CLASSES, Listener
 from pacs_node.metrics import NodeMetrics
-from pacs_node.observability import NodeObserver, ObservedIngest, ObservedJobQueue
+from pacs_node.observability import NodeObserver
 from pacs_node.spool import Spool
 from pacs_node.stow import StowService
 from pacs_node.worker import WorkerPool
@@ -42,21 +44,21 @@ class NodeServer:
         self.events = NodeEvents()
         self.spool = Spool(data, cfg.spool.min_free_mb)
         self.index = Index(data / "index.sqlite")
-        # metrics and audit trail: observed subclasses of the job queue and ingest report to them
+        # metrics and audit trail: subscribers of the event bus
         self.metrics = NodeMetrics()
         self.audit = AuditLog(data / "audit.jsonl")
-        self.observer = NodeObserver(self.metrics, self.audit, cfg.listener, cfg.export.destinations)
-        self.jobs = ObservedJobQueue(self.index, self.observer)
-        self.ingest = ObservedIngest(
-            self.observer, self.spool, self.index,
+        self.observer = NodeObserver(self.metrics, self.audit)
+        self.observer.subscribe(self.events)
+        self.jobs = JobQueue(self.index, events=self.events)
+        self.ingest = Ingest(
+            self.spool, self.index,
             max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
             max_instances_per_study=cfg.listener.max_instances_per_study, events=self.events,
             sop_classes=[str(c) for c in STORAGE_SOP_CLASSES],
         )
-        self.listener = Listener(cfg.listener, self.ingest, extra_handlers=self.observer.listener_handlers())
+        self.listener = Listener(cfg.listener, self.ingest)
         self.router = Router()
         StowService(self.ingest).register(self.router)
-        self.observer.wrap_stow_routes(self.router)
         self.router.add("GET", r"/health", self._health, auth=False)
         # a STOW body may carry a whole study: allow twice the largest instance, in memory
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token,

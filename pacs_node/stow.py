@@ -50,6 +50,17 @@ class StowService:
         router.add("POST", rf"{prefix}/studies/(?P<study>[^/]+)", self.handle)
 
     def handle(self, request: Request) -> Response:
+        """Answer one STOW-RS request, then emit ``stow_request`` (whatever the outcome)."""
+        source = f"stow:{request.client}"
+        status = 500
+        try:
+            response = self._handle(request, source)
+            status = response.status
+            return response
+        finally:
+            self.ingest.events.emit("stow_request", source=source, status=status)
+
+    def _handle(self, request: Request, source: str) -> Response:
         expected = request.params.get("study")
         if expected is not None:
             try:
@@ -75,7 +86,7 @@ class StowService:
         base = f"http://{request.headers.get('host', 'localhost')}/dicomweb"
         for part in parts:
             try:
-                res = self.ingest.store(part.content, source=f"stow:{request.client}", expected_study=expected)
+                res = self.ingest.store(part.content, source=source, expected_study=expected)
             except IngestRejected as exc:
                 cls, sop = _uids_of(part.content)
                 log.warning("STOW part %s refused (0x%04X): %s", sop or "?", exc.status, exc)

@@ -9,9 +9,11 @@ process imports the processing function (``module:function``, by default
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import multiprocessing
 import os
+import sqlite3
 import threading
 import time
 import traceback
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pacs_node.events import NodeEvents
-from pacs_node.jobs import Job, JobQueue
+from pacs_node.index import Index
+from pacs_node.jobs import Job, JobQueue, stage_timings
 from pacs_node.spool import Spool
 from pipeline.errors import IgtvError, PipelineError
 from pipeline.settings import ProcessSettings
@@ -51,9 +54,56 @@ def load_process_function(spec: str) -> Callable[..., Any]:
         raise WorkerError(f"{module_name} has no function {attr!r}") from None
 
 
-def run_study(process_spec: str, paths: list[str], out_dir: str, settings: ProcessSettings) -> dict[str, Any]:
+class JobProgress:
+    """Progress callback ``(stage, fraction)`` that writes a job's stage into the index.
+
+    Built in the node process and pickled to the worker process, where it
+    opens its own connection to the (WAL) index on the first call. It keeps
+    the seconds of each stage that ended (a stage ends when the next begins).
+    """
+
+    def __init__(self, index_path: str, job_id: int) -> None:
+        self.index_path = str(index_path)
+        self.job_id = int(job_id)
+        self._queue: JobQueue | None = None
+        self._stage: str | None = None
+        self._since = 0.0
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            if self._stage is not None:
+                self.timings[self._stage] = round(now - self._since, 3)
+            self._stage, self._since = stage, now
+        try:
+            if self._queue is None:
+                self._queue = JobQueue(Index(Path(self.index_path)))
+            self._queue.set_progress(self.job_id, stage, fraction, self.timings)
+        except (sqlite3.Error, IgtvError, OSError) as exc:  # progress is informative: never fail the job
+            log.warning("job %d: cannot record progress (%s): %s", self.job_id, stage, exc)
+
+    def close(self) -> None:
+        """Close the index connection (in the process that used it)."""
+        if self._queue is not None:
+            self._queue.index.close()
+            self._queue = None
+
+
+def _takes_progress(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` accepts a ``progress`` keyword (process_study does; simple stand-ins may not)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def run_study(process_spec: str, paths: list[str], out_dir: str, settings: ProcessSettings,
+              progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
     """Process one study and return plain data (runs in the worker process, or in-process for replay).
 
+    ``progress(stage, fraction)`` is passed on to a processing function that takes it.
     Returns ``{"ok": True, ...result}`` or ``{"ok": False, "reason": ..., "expected": bool}``;
     ``expected`` is True for the pipeline's bad-input errors (no stack trace needed).
     """
@@ -61,7 +111,8 @@ def run_study(process_spec: str, paths: list[str], out_dir: str, settings: Proce
 
     try:
         process = load_process_function(process_spec)
-        result = process([Path(p) for p in paths], Path(out_dir), settings)
+        extra = {"progress": progress} if progress is not None and _takes_progress(process) else {}
+        result = process([Path(p) for p in paths], Path(out_dir), settings, **extra)
     except PipelineError as exc:
         return {"ok": False, "reason": str(exc), "expected": True, "error": type(exc).__name__}
     except IgtvError as exc:
@@ -69,6 +120,10 @@ def run_study(process_spec: str, paths: list[str], out_dir: str, settings: Proce
     except Exception as exc:  # a bug or a broken input the pipeline did not anticipate
         return {"ok": False, "reason": f"internal error: {type(exc).__name__}: {exc}", "expected": False,
                 "error": type(exc).__name__, "traceback": traceback.format_exc()}
+    finally:
+        close = getattr(progress, "close", None)
+        if callable(close):
+            close()
     dicom_outputs = [str(p) for p in result.dicom_outputs]
     return {
         "ok": True,
@@ -125,7 +180,7 @@ class WorkerPool:
     on_processed:
         Called after a job's results are recorded (wakes the exporter).
     events:
-        Receives job_started, job_finished and job_failed.
+        Receives job_started and job_finished (the job queue emits job_done and job_failed).
     """
 
     def __init__(self, jobs: JobQueue, spool: Spool, results_dir: Path, settings: ProcessSettings,
@@ -233,7 +288,9 @@ class WorkerPool:
         self.events.emit("job_started", job_id=job.id, study_uid=job.study_uid)
         start = time.perf_counter()
         try:
-            future = self._get_pool().submit(run_study, self.process_spec, paths, str(out_dir), self.settings)
+            progress = JobProgress(str(self.jobs.index.path), job.id)
+            future = self._get_pool().submit(run_study, self.process_spec, paths, str(out_dir), self.settings,
+                                             progress)
             result = future.result()
         except (BrokenProcessPool, RuntimeError) as exc:
             if self._stop.is_set():
@@ -244,7 +301,6 @@ class WorkerPool:
                 reason = f"worker process died {job.attempts} times on this study ({exc}); inputs quarantined"
                 self.spool.quarantine(job.study_uid, reason)
                 self.jobs.fail(job.id, reason)
-                self.events.emit("job_failed", job_id=job.id, study_uid=job.study_uid, reason=reason)
             else:
                 log.warning("job %d: worker process died (%s); re-queued", job.id, exc)
                 self.jobs.requeue(job.id, f"worker process died: {exc}")
@@ -258,13 +314,13 @@ class WorkerPool:
                 log.warning("job %d: study %s failed: %s", job.id, job.study_uid, result["reason"])
             self.spool.quarantine(job.study_uid, result["reason"])
             self.jobs.fail(job.id, result["reason"])
-            self.events.emit("job_failed", job_id=job.id, study_uid=job.study_uid, reason=result["reason"])
             return
-        self.jobs.processed(job.id, result, self.destinations)
         report = result.get("report") or {}
+        # before the queue records it: subscribers see job_finished ahead of the exports and job_done
         self.events.emit("job_finished", job_id=job.id, study_uid=job.study_uid,
                          seconds=time.perf_counter() - start, result_uids=result["result_uids"], report=report,
-                         timings=report.get("timings", {}) if isinstance(report, dict) else {})
+                         timings=stage_timings(report))
+        self.jobs.processed(job.id, result, self.destinations)
         if self.on_processed:
             self.on_processed()
         log.info("job %d: study %s processed, %d result(s)%s", job.id, job.study_uid, len(result["dicom_outputs"]),

@@ -302,12 +302,16 @@ def _seg_by_position(seg: Dataset, ct: SeriesVolume, number: int) -> np.ndarray:
     scale = 1.0
     if str(seg.get("SegmentationType", "")).upper() == "FRACTIONAL":
         scale = 1.0 / float(seg.get("MaximumFractionalValue", 255))
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     mask = np.zeros((nz, ny, nx), dtype=bool)
     for i, group in enumerate(seg.get("PerFrameFunctionalGroupsSequence", [])):
-        ident = group.get("SegmentIdentificationSequence")
+        ident = group.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
         if not ident or int(ident[0].ReferencedSegmentNumber) != number:
             continue
-        pos = np.asarray([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient])
+        plane = group.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        if not plane:
+            raise LabelError(f"SEG {sop}: frame {i + 1} has no position and no source reference")
+        pos = np.asarray([float(v) for v in plane[0].ImagePositionPatient])
         idx = (pos - origin) @ matrix.T
         z = int(round(idx[2]))
         if abs(idx[2] - z) > SLICE_TOLERANCE or np.max(np.abs(idx[:2])) > 0.01 or not 0 <= z < nz:

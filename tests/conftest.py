@@ -34,6 +34,7 @@ def synthetic_study_factory(_synth_cache) -> Callable[..., Path]:
 
     Options are :class:`pipeline.synth.generate.SynthOptions` fields; ``small`` defaults to True.
     Folder layout: ``CT/*.dcm``, ``PT/*.dcm``, ``truth/seg_gtv.dcm``, ``truth/seg_igtv.dcm``,
+    ``truth/rtstruct_gtv.dcm``, ``truth/rtstruct_igtv.dcm``,
     ``truth/case.json``.
     """
     return lambda seed, **options: _synth_cache(seed, **options)[1]

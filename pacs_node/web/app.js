@@ -108,8 +108,11 @@ function renderJobs(jobs) {
     const study = el("td", shortUid(j.study_uid), "uid"); study.title = j.study_uid;
     row.appendChild(study);
     const st = el("td"); st.appendChild(stateBadge(j.state)); row.appendChild(st);
-    const pr = el("td"); const bar = document.createElement("progress");
-    bar.max = 1; bar.value = j.progress; pr.appendChild(bar); row.appendChild(pr);
+    const pr = el("td", "", "progress"); const bar = document.createElement("progress");
+    bar.max = 1; bar.value = j.progress; bar.title = Math.round(j.progress * 100) + " %";
+    pr.appendChild(bar);
+    if (j.stage) pr.appendChild(el("span", j.stage, "stage"));
+    row.appendChild(pr);
     row.appendChild(el("td", j.elapsed_s === null ? "–" : fmt(j.elapsed_s, 1) + " s"));
     row.appendChild(el("td", fmt(j.numbers.igtv_volume_cc, 2)));
     row.appendChild(el("td", fmt(j.numbers.suv_max, 2)));

@@ -95,14 +95,17 @@ def render_ct(model: ThoraxModel, grid: Grid, diaphragm_shift: float, tumours: l
         for dz in (-0.25, 0.25):
             for dy in (-0.25, 0.25):
                 for dx in (-0.25, 0.25):
-                    X = (x[bx] + dx * sx * grid.direction[0]).astype(np.float32)[None, None, :]
-                    Y = (y[by] + dy * sy * grid.direction[1]).astype(np.float32)[None, :, None]
-                    Z = (z[bz] + dz * sz * grid.direction[2]).astype(np.float32)[:, None, None]
+                    xs = (x[bx] + dx * sx * grid.direction[0]).astype(np.float32)
+                    ys = (y[by] + dy * sy * grid.direction[1]).astype(np.float32)
+                    zs = (z[bz] + dz * sz * grid.direction[2]).astype(np.float32)
                     inside = np.zeros(frac.shape, bool)
                     for t, off in zip(tumours, tumour_offsets, strict=True):
-                        here = t.inside(X, Y, Z, off)
-                        tissue += np.where(here & ~inside, t.ct_hu(X, Y, Z, off), 0)
-                        inside |= here
+                        lz, ly, lx = t.local_box(xs, ys, zs, off)
+                        X, Y, Z = xs[lx][None, None, :], ys[ly][None, :, None], zs[lz][:, None, None]
+                        f = t.field(X, Y, Z, off)
+                        here = (f >= t.level) & ~inside[lz, ly, lx]
+                        tissue[lz, ly, lx] += np.where(here, t.ct_hu(X, Y, Z, off, f), 0)
+                        inside[lz, ly, lx] |= here
                     frac += inside
         tissue /= np.maximum(frac, 1)
         frac /= 8.0
@@ -111,12 +114,18 @@ def render_ct(model: ThoraxModel, grid: Grid, diaphragm_shift: float, tumours: l
         sub = hu[bz, by, bx]
         sub += frac * (tissue + smooth_noise(rng, frac.shape, 1.0) * 8.0 - sub)
         hu[bz, by, bx] = sub
-    noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    noise = ndimage.uniform_filter1d(noise, 2, axis=2)
-    hu += noise * np.float32(14.0)
+    # quantum noise, slightly correlated in-plane; one slice at a time to bound memory
+    for k in range(hu.shape[0]):
+        noise = rng.standard_normal(hu.shape[1:], dtype=np.float32)
+        noise = ndimage.uniform_filter1d(noise, 2, axis=1)
+        noise *= np.float32(14.0)
+        hu[k] += noise
     return hu
 
 
 def hu_to_stored(hu: np.ndarray, intercept: int = -1024) -> np.ndarray:
-    """Round HU to stored int16 values for RescaleIntercept ``intercept`` (slope 1)."""
-    return np.clip(np.rint(hu) - intercept, -1024 - intercept, 3071 - intercept).astype(np.int16)
+    """Round HU to stored int16 values for RescaleIntercept ``intercept`` (slope 1); ``hu`` is overwritten."""
+    np.rint(hu, out=hu)
+    hu -= np.float32(intercept)
+    np.clip(hu, -1024 - intercept, 3071 - intercept, out=hu)
+    return hu.astype(np.int16)

@@ -10,6 +10,8 @@ Folder layout of a written study::
     PT/PT0001.dcm ...      PET Image Storage (Bq/mL, decay corrected to series start)
     truth/seg_gtv.dcm      DICOM-SEG, one segment labelled "GTV" (tumour at the CT phase)
     truth/seg_igtv.dcm     DICOM-SEG, one segment labelled "IGTV" (union over the cycle)
+    truth/rtstruct_gtv.dcm   RT Structure Set, ROI "GTV" (same truth as contours)
+    truth/rtstruct_igtv.dcm  RT Structure Set, ROI "IGTV"
     truth/case.json        case parameters (seed, tumours, motion, SUVs, dose, geometry)
 """
 

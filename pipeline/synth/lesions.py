@@ -113,12 +113,6 @@ def tumour_box(tumours: list[TumourShape], grid: Grid, offset=(0.0, 0.0, 0.0), m
     return grid.box(lo + off - margin, hi + off + margin)
 
 
-def span(axis: np.ndarray, lo: float, hi: float) -> slice:
-    """Index slice of the entries of a monotonic 1-D ``axis`` within [lo, hi] (may be empty)."""
-    idx = np.nonzero((axis >= lo) & (axis <= hi))[0]
-    return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
-
-
 def tumour_masks(tumours: list[TumourShape], model: ThoraxModel, trace: BreathingTrace, dia_amp: float,
                  X, Y, Z, times: np.ndarray) -> np.ndarray:
     """Boolean tumour masks (len(times), ...) at the coordinates, clipped to the lungs of each phase.
@@ -132,9 +126,7 @@ def tumour_masks(tumours: list[TumourShape], model: ThoraxModel, trace: Breathin
     for i, t in enumerate(times):
         for tum in tumours:
             off = trace.displacement(tum.amplitude_lps, t)
-            c = tum.centre + off
-            r = tum.radius_bound_mm
-            box = (span(z, c[2] - r, c[2] + r), span(y, c[1] - r, c[1] + r), span(x, c[0] - r, c[0] + r))
+            box = tum.local_box(x, y, z, off)
             sub = out[i][box]
             if sub.size:
                 sub |= tum.inside(X[..., box[2]], Y[:, box[1]], Z[box[0]], off)

@@ -8,7 +8,7 @@ from scipy import ndimage
 from pipeline.synth import anatomy as A
 from pipeline.synth.breathing import BreathingTrace
 from pipeline.synth.grid import Grid
-from pipeline.synth.lesions import span, tumour_box, tumour_masks
+from pipeline.synth.lesions import tumour_box, tumour_masks
 from pipeline.synth.tumour import TumourShape
 
 
@@ -66,13 +66,13 @@ def _tumour_uptake(tumours: list[TumourShape], trace: BreathingTrace, t: float, 
     x, y, z = X.ravel(), Y.ravel(), Z.ravel()
     for tum in tumours:
         off = trace.displacement(tum.amplitude_lps, t)
-        c, r = tum.centre + off, tum.radius_bound_mm
-        box = (span(z, c[2] - r, c[2] + r), span(y, c[1] - r, c[1] + r), span(x, c[0] - r, c[0] + r))
+        box = tum.local_box(x, y, z, off)
         if not up[box].size:
             continue
         Xs, Ys, Zs = X[..., box[2]], Y[:, box[1]], Z[box[0]]
-        here = occupied[box] & tum.inside(Xs, Ys, Zs, off)
-        up[box] = np.where(here, tum.uptake(Xs, Ys, Zs, off), up[box])
+        f = tum.field(Xs, Ys, Zs, off)
+        here = occupied[box] & (f >= tum.level)
+        up[box] = np.where(here, tum.uptake(Xs, Ys, Zs, off, f), up[box])
     return up
 
 

@@ -98,6 +98,17 @@ class TumourShape:
             total *= 1.0 + np.float32(self.roughness / np.sqrt(len(self.surface))) * wave
         return total
 
+    def local_box(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, offset) -> tuple[slice, slice, slice]:
+        """Index slices (z, y, x) of the 1-D axes that can hold the tumour displaced by ``offset``."""
+        c = np.asarray(self.centre, float) + np.asarray(offset, float)
+        r = self.radius_bound_mm
+
+        def span(axis: np.ndarray, lo: float, hi: float) -> slice:
+            idx = np.nonzero((axis >= lo) & (axis <= hi))[0]
+            return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+
+        return span(z, c[2] - r, c[2] + r), span(y, c[1] - r, c[1] + r), span(x, c[0] - r, c[0] + r)
+
     def inside(self, X, Y, Z, offset) -> np.ndarray:
         """Boolean tumour mask at the given coordinates for displacement ``offset``."""
         return self.field(X, Y, Z, offset) >= self.level
@@ -106,17 +117,23 @@ class TumourShape:
         """Relative depth (0 at the surface, 1 at the deepest point) from field values."""
         return np.clip((f - self.level) / (self.peak - self.level + 1e-6), 0, 1)
 
-    def ct_hu(self, X, Y, Z, offset) -> np.ndarray:
-        """CT number of tumour tissue (necrotic core lower) at the coordinates."""
-        f = self.field(X, Y, Z, offset)
+    def ct_hu(self, X, Y, Z, offset, f: np.ndarray | None = None) -> np.ndarray:
+        """CT number of tumour tissue (necrotic core lower) at the coordinates.
+
+        ``f`` may pass the already evaluated :meth:`field` at the same coordinates.
+        """
+        f = self.field(X, Y, Z, offset) if f is None else f
         hu = np.full(f.shape, np.float32(self.hu))
         if self.necrosis > 0:
             hu[self.depth(f) > 1.0 - self.necrosis] = np.float32(self.hu - 22.0)
         return hu
 
-    def uptake(self, X, Y, Z, offset) -> np.ndarray:
-        """SUV of tumour tissue at the coordinates (meaningful only inside the tumour)."""
-        f = self.field(X, Y, Z, offset)
+    def uptake(self, X, Y, Z, offset, f: np.ndarray | None = None) -> np.ndarray:
+        """SUV of tumour tissue at the coordinates (meaningful only inside the tumour).
+
+        ``f`` may pass the already evaluated :meth:`field` at the same coordinates.
+        """
+        f = self.field(X, Y, Z, offset) if f is None else f
         cx, cy, cz = np.asarray(self.centre, np.float32) + np.asarray(offset, np.float32)
         s = np.float32(1.0 / self.scale)
         u, v, w = (X - cx) * s, (Y - cy) * s, (Z - cz) * s

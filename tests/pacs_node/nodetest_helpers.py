@@ -276,6 +276,24 @@ def _minimal_rtstruct(ct: list[Dataset], series_uid: str, sop_uid: str) -> Datas
     return ds
 
 
+# Stages and fractions that staged_process reports, and the timings its report gives.
+STAGED = (("load", 0.0), ("inference", 0.5), ("writers", 0.75))
+STAGED_TIMINGS = {"load": 0.11, "inference": 2.5, "writers": 0.31, "total": 2.92}
+
+
+def staged_process(paths: list[Path], out_dir: Path, settings, progress=None) -> FakeResult:
+    """Report the STAGED stages through ``progress``; hold in 'inference' until ``out_dir/go`` exists (30 s max)."""
+    for stage, fraction in STAGED:
+        progress(stage, fraction)
+        time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while stage == "inference" and not (out_dir / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"timings_s": dict(STAGED_TIMINGS)}
+    return FakeResult(out_dir.name, out_dir, [], [], report, [f"{len(paths)} files"], [])
+
+
 def failing_process(paths: list[Path], out_dir: Path, settings):
     """Always fails like the pipeline does on bad input."""
     from pipeline.errors import GeometryError

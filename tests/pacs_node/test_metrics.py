@@ -171,14 +171,19 @@ def test_node_metrics_cover_the_node_events() -> None:
 def test_job_report_timings_become_stage_histograms(tmp_path) -> None:
     """The observer reads the stage timings of a real report (not its 'total') into the histogram."""
     from pacs_node.audit import AuditLog, read_events
+    from pacs_node.events import NodeEvents
+    from pacs_node.jobs import stage_timings
     from pacs_node.observability import NodeObserver
     from pipeline.writers.report import build_report
 
     m = NodeMetrics()
     audit = AuditLog(tmp_path / "audit.jsonl")
-    observer = NodeObserver(m, audit)
+    events = NodeEvents()
+    NodeObserver(m, audit).subscribe(events)
     report = build_report([], {"load": 0.5, "inference": 3.0}, {"version": "t"}, {})
-    observer.job_processed(7, "1.2.3", {"report": report, "result_uids": ["1.2.3.9"]}, [], seconds=4.0)
+    events.emit("job_finished", job_id=7, study_uid="1.2.3", seconds=4.0, result_uids=["1.2.3.9"], report=report,
+                timings=stage_timings(report))
+    events.emit("job_done", job_id=7, study_uid="1.2.3", seconds=4.0, result_uids=["1.2.3.9"])
     v = parse(m.render())
     assert v[("igtv_stage_duration_seconds_count", (("stage", "load"),))] == 1
     assert v[("igtv_stage_duration_seconds_sum", (("stage", "inference"),))] == 3.0

@@ -204,3 +204,33 @@ def test_cli_synth_writes_studies(tmp_path):
         assert (f / "truth" / "seg_igtv.dcm").is_file()
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "bad"), "--motion", "wobbly", "--small"])
     assert bad.exit_code == 2 and "motion" in bad.output
+
+
+def test_truth_stays_inside_the_lungs_of_each_phase(synthetic_study_object_factory):
+    from pipeline.synth.anatomy import AnatomyParams, ThoraxModel
+    from pipeline.synth.breathing import BreathingTrace
+
+    study = synthetic_study_object_factory(11, diameter_mm=20.0, amplitude_mm=20.0, lymph_nodes=False)
+    case = study.case
+    model = ThoraxModel(AnatomyParams(**case["anatomy"]))
+    b = case["breathing"]
+    trace = BreathingTrace(b["period_s"], b["shape_n"], b["hysteresis_fraction"], b["ct_time_fraction"])
+    x, y, z = study.ct_grid.axes()
+    ct_lung = model.lung_mask(x, y, z, -b["ct_inhale_fraction"] * b["diaphragm_amplitude_mm"])
+    assert not (study.gtv & ~ct_lung).any()
+    path = max(np.linalg.norm(t["inhale_displacement_mm"]) for t in case["tumours"])
+    shifts = -trace.inhale_fraction(trace.envelope_times(path)) * b["diaphragm_amplitude_mm"]
+    envelope = model.lung_masks(x, y, z, shifts).any(axis=0)
+    assert not (study.igtv & ~envelope).any()
+    assert study.igtv.sum() > 1.5 * study.gtv.sum()
+
+
+def test_pet_slice_spacing_option_and_coverage(synthetic_study_factory, synthetic_study_object_factory):
+    folder = synthetic_study_factory(5, pet_slice_mm=3.27)
+    study = synthetic_study_object_factory(5, pet_slice_mm=3.27)
+    pet = _read_series(folder / "PT")
+    z = np.array([float(d.ImagePositionPatient[2]) for d in pet])
+    np.testing.assert_allclose(np.diff(z), 3.27, atol=1e-3)
+    assert float(pet[0].SliceThickness) == pytest.approx(3.27)
+    ct_z = study.ct_grid.axes()[2]
+    assert z.min() < ct_z.min() and z.max() > ct_z.max()  # the PET covers the whole CT range

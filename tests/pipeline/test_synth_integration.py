@@ -25,3 +25,23 @@ def test_pipeline_reads_synthetic_study(synthetic_study_factory, synthetic_study
     assert np.abs(pet.array[body] - study.pet_suv[body]).max() <= 0.01 * study.pet_suv[body].max()
     same_frame = ct.frame_of_reference_uid == pet.frame_of_reference_uid
     assert same_frame == (not any(variant.get("pet_offset_mm", (0, 0, 0))))
+
+
+def test_rtstruct_truth_matches_the_seg_truth(small_study):
+    """The RTSTRUCT truth rasterises back onto the CT grid as the SEG truth (both GTV and IGTV)."""
+    import subprocess
+
+    import pydicom
+
+    from pipeline import labels, reader, selection
+
+    scan = reader.scan_files(sorted(small_study.rglob("*.dcm")))
+    ct = reader.load_volume(selection.select_pet_ct(scan.series).ct)
+    for name in ("GTV", "IGTV"):
+        rts_path = small_study / "truth" / f"rtstruct_{name.lower()}.dcm"
+        from_rt = labels.mask_from_rtstruct(pydicom.dcmread(rts_path), ct, [name])
+        from_seg = labels.mask_from_seg(pydicom.dcmread(small_study / "truth" / f"seg_{name.lower()}.dcm"), ct, name)
+        assert from_seg.sum() > 0
+        assert np.array_equal(from_rt, from_seg), name
+        out = subprocess.run(["dciodvfy", str(rts_path)], capture_output=True, text=True)
+        assert "Error" not in out.stdout + out.stderr, out.stderr

@@ -1,0 +1,138 @@
+"""numba kernels of the selective scan (forward and hand-written backward).
+
+Parallel over channels (``prange``), sequential over positions. Importing this
+module raises ImportError when numba is missing; :mod:`model.scan` then falls
+back to the torch scan. Shapes follow :mod:`model.scan` with B and C already
+expanded to (b, g, n, L).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+
+@njit(inline="always")
+def _softplus(x):
+    if x > 20.0:
+        return x
+    return math.log1p(math.exp(x))
+
+
+@njit(inline="always")
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def scan_forward(u, delta, A, B, C, D, bias, z, has_z, softplus, y, out):
+    """Fill ``y`` (before gating) and ``out`` (after the optional silu(z) gate)."""
+    b, d, L = u.shape
+    g = B.shape[1]
+    n = A.shape[1]
+    per_group = d // g
+    for bd in prange(b * d):
+        bi = bd // d
+        di = bd % d
+        gi = di // per_group
+        h = np.zeros(n, dtype=u.dtype)
+        for l in range(L):
+            dt = delta[bi, di, l] + bias[di]
+            if softplus:
+                dt = _softplus(dt)
+            ul = u[bi, di, l]
+            acc = 0.0
+            for k in range(n):
+                h[k] = math.exp(dt * A[di, k]) * h[k] + dt * B[bi, gi, k, l] * ul
+                acc += h[k] * C[bi, gi, k, l]
+            yl = acc + D[di] * ul
+            y[bi, di, l] = yl
+            if has_z:
+                zl = z[bi, di, l]
+                out[bi, di, l] = yl * zl * _sigmoid(zl)
+            else:
+                out[bi, di, l] = yl
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def scan_backward(u, delta, A, B, C, D, bias, z, has_z, softplus, dout, nblk,
+                  du, ddelta, dA, dB, dC, dD, dbias, dz):
+    """Gradients of the scan. dA, dB, dC, dD and dbias get one partial buffer per
+    channel block (first axis, summed by the caller) so parallel blocks never race."""
+    b, d, L = u.shape
+    g = B.shape[1]
+    n = A.shape[1]
+    per_group = d // g
+    total = b * d
+    for blk in prange(nblk):
+        start = (total * blk) // nblk
+        stop = (total * (blk + 1)) // nblk
+        hs = np.empty((L + 1, n), dtype=u.dtype)  # hs[l + 1] = state after position l
+        dts = np.empty(L, dtype=u.dtype)
+        gcar = np.empty(n, dtype=u.dtype)
+        for bd in range(start, stop):
+            bi = bd // d
+            di = bd % d
+            gi = di // per_group
+            # recompute states
+            for k in range(n):
+                hs[0, k] = 0.0
+            for l in range(L):
+                dt = delta[bi, di, l] + bias[di]
+                if softplus:
+                    dt = _softplus(dt)
+                dts[l] = dt
+                ul = u[bi, di, l]
+                for k in range(n):
+                    hs[l + 1, k] = math.exp(dt * A[di, k]) * hs[l, k] + dt * B[bi, gi, k, l] * ul
+            # reverse sweep
+            for k in range(n):
+                gcar[k] = 0.0
+            dDacc = 0.0
+            dbacc = 0.0
+            for l in range(L - 1, -1, -1):
+                ul = u[bi, di, l]
+                dt = dts[l]
+                go = dout[bi, di, l]
+                if has_z:
+                    zl = z[bi, di, l]
+                    sg = _sigmoid(zl)
+                    acc = 0.0
+                    for k in range(n):
+                        acc += hs[l + 1, k] * C[bi, gi, k, l]
+                    yl = acc + D[di] * ul
+                    dy = go * zl * sg
+                    dz[bi, di, l] = go * yl * sg * (1.0 + zl * (1.0 - sg))
+                else:
+                    dy = go
+                dDacc += dy * ul
+                dul = dy * D[di]
+                ddt = 0.0
+                for k in range(n):
+                    Ck = C[bi, gi, k, l]
+                    Bk = B[bi, gi, k, l]
+                    dC[blk, bi, gi, k, l] += dy * hs[l + 1, k]
+                    G = gcar[k] + dy * Ck  # dL/dh_l
+                    a = math.exp(dt * A[di, k])
+                    # h_l = a * h_{l-1} + dt * B * u
+                    dB[blk, bi, gi, k, l] += G * dt * ul
+                    dul += G * dt * Bk
+                    da = G * hs[l, k] * a  # dL/d(dt*A)
+                    ddt += G * Bk * ul + da * A[di, k]
+                    dA[blk, di, k] += da * dt
+                    gcar[k] = G * a
+                du[bi, di, l] = dul
+                if softplus:
+                    ddt = ddt * _sigmoid(delta[bi, di, l] + bias[di])
+                ddelta[bi, di, l] = ddt
+                dbacc += ddt
+            dD[blk, di] += dDacc
+            dbias[blk, di] += dbacc
+
+
+def num_threads() -> int:
+    """Threads numba runs its parallel loops on."""
+    return numba.get_num_threads()

@@ -1,0 +1,153 @@
+"""Checkpoints: safetensors weights plus JSON metadata beside them (never pickle).
+
+``model.safetensors`` holds the tensors; ``model.json`` holds the architecture
+config, the preprocessing, a description of the training data, seed, metrics,
+the version string and the SHA-256 of the weights file. Loading reads only
+these two formats, so a checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.errors import CheckpointError
+from model.network import NetConfig, build_network
+from model.preprocessing import Preprocessing
+
+SHIPPED_NAME = "igtv_sim_mamba.safetensors"
+FORMAT = "igtv-sim-mamba/1"
+
+
+def metadata_path(path: Path) -> Path:
+    """The JSON metadata file beside a ``.safetensors`` checkpoint."""
+    return Path(path).with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
+    """Write ``model``'s weights to ``path`` (.safetensors) and metadata JSON beside it.
+
+    ``metadata`` should hold "preprocessing" (``Preprocessing.to_dict()``), and may
+    hold "training_data", "seed", "metrics", "version"; "architecture" is taken from
+    ``model.cfg`` when absent. Returns ``path``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint {path}: the weights file must end in .safetensors")
+    meta = dict(metadata)
+    if "architecture" not in meta:
+        cfg = getattr(model, "cfg", None)
+        if not isinstance(cfg, NetConfig):
+            raise CheckpointError(f"checkpoint {path}: no architecture config to store")
+        meta["architecture"] = cfg.to_dict()
+    if "preprocessing" not in meta:
+        raise CheckpointError(f"checkpoint {path}: metadata needs 'preprocessing'")
+    meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta["format"] = FORMAT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    digest = _sha256(tmp)
+    meta["weights_sha256"] = digest
+    meta.setdefault("version", f"sim-mamba-{meta['created'][:10]}-{digest[:8]}")
+    tmp_json = metadata_path(path).with_name(metadata_path(path).name + ".tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    tmp_json.replace(metadata_path(path))
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (CheckpointError when missing or unreadable)."""
+    path = Path(path)
+    mpath = metadata_path(path)
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint {path}: metadata file {mpath.name} is missing beside it")
+    try:
+        meta = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: metadata {mpath.name} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: metadata is not an igtv-node checkpoint ({FORMAT})")
+    return meta
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file; anything else is refused (no unpickling)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"checkpoint {path}: only .safetensors weights are accepted (pickle-based "
+            f"{path.suffix or 'files'} can run code and are never loaded)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: not a valid safetensors file ({exc})") from exc
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network from the metadata and load its weights (eval mode).
+
+    Raises
+    ------
+    CheckpointError
+        Missing files, a non-safetensors file, a hash mismatch between weights and
+        metadata, or weights that do not fit the architecture.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = load_weights(path)
+    digest = meta.get("weights_sha256")
+    if digest and digest != _sha256(path):
+        raise CheckpointError(f"checkpoint {path}: weights do not match the SHA-256 in {metadata_path(path).name}")
+    try:
+        cfg = NetConfig.from_dict(meta["architecture"])
+        Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: bad architecture/preprocessing metadata ({exc})") from exc
+    if cfg.slices != meta["preprocessing"].get("slices", cfg.slices):
+        raise CheckpointError(f"checkpoint {path}: architecture K={cfg.slices} differs from preprocessing K")
+    model = build_network(cfg)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from exc
+    return model.to(device).eval(), meta
+
+
+def shipped_checkpoint_path() -> Path:
+    """The default checkpoint shipped in ``model/weights/``."""
+    return Path(__file__).resolve().parent / "weights" / SHIPPED_NAME
+
+
+def shipped_checkpoint_info() -> str:
+    """One line about the shipped checkpoint (for ``igtv-node version``)."""
+    path = shipped_checkpoint_path()
+    if not path.is_file():
+        return f"no shipped checkpoint at {path}"
+    meta = read_metadata(path)
+    metrics = meta.get("metrics", {})
+    dice = metrics.get("val_dice")
+    extra = f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else ""
+    arch = meta.get("architecture", {})
+    return f"{meta.get('version', '?')} (SIM-Mamba, K={arch.get('slices', '?')}{extra})"

@@ -1,0 +1,106 @@
+"""Inference: a loaded checkpoint that turns 2.5D stacks into centre-slice probabilities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from model.checkpoint import load_checkpoint, shipped_checkpoint_path
+from model.errors import CheckpointError
+from model.preprocessing import Preprocessing
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {name!r} requested but CUDA is not available; use device 'cpu'")
+    return torch.device(name)
+
+
+@dataclass
+class Predictor:
+    """A network with the preprocessing it was trained with.
+
+    Attributes
+    ----------
+    network:
+        The SIM-Mamba network in eval mode.
+    preprocessing:
+        How the pipeline must build this network's input.
+    version:
+        Model version string (goes into result UIDs and reports).
+    metadata:
+        The checkpoint's full metadata.
+    device:
+        Where inference runs.
+    """
+
+    network: nn.Module
+    preprocessing: Preprocessing
+    version: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> "Predictor":
+        """Load ``checkpoint`` (default: the shipped model) onto ``device`` ("cpu", "cuda", "auto")."""
+        path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
+        dev = _device(device)
+        network, meta = load_checkpoint(path, device=str(dev))
+        return cls(
+            network=network,
+            preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+            version=str(meta.get("version", "unknown")),
+            metadata=meta,
+            device=dev,
+        )
+
+    def predict(self, inputs: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        """Probabilities (N, H, W) float32 of the centre slices of ``inputs`` (N, 2, K, H, W).
+
+        ``inputs`` may be a read-only view; it is copied batch by batch.
+        """
+        k = self.preprocessing.slices
+        if inputs.ndim != 5 or inputs.shape[1] != 2 or inputs.shape[2] != k:
+            raise ValueError(f"expected inputs (N, 2, {k}, H, W), got {inputs.shape}")
+        n = inputs.shape[0]
+        out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
+        layout = shared_plane_layout(inputs) if k > 1 and n > 1 else None
+        with torch.inference_mode():
+            if layout is not None:
+                planes, index = layout
+                for s in range(0, n, batch_size):
+                    idx = index[s : s + batch_size]
+                    lo, hi = int(idx.min()), int(idx.max()) + 1
+                    x = torch.from_numpy(np.ascontiguousarray(planes[lo:hi], dtype=np.float32))
+                    logits = self.network.forward_planes(x.to(self.device), torch.from_numpy(idx - lo).to(self.device))
+                    out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+                return out
+            for s in range(0, n, batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(inputs[s : s + batch_size], dtype=np.float32))
+                logits = self.network(x.to(self.device))
+                out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+        return out
+
+
+def shared_plane_layout(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Planes and (N, K) index when consecutive stacks share K-1 planes, else None.
+
+    Recognises stacks from a sliding window over slices in either slice order
+    (``StackSet.inputs``), so each plane is encoded once instead of K times.
+    """
+    n, _, k = inputs.shape[:3]
+    steps = np.arange(n)[:, None]
+    if np.array_equal(inputs[1:, :, :-1], inputs[:-1, :, 1:]):
+        planes = np.concatenate([inputs[:, :, 0], inputs[-1, :, 1:].transpose(1, 0, 2, 3)], axis=0)
+        return planes, (steps + np.arange(k)[None]).astype(np.int64)
+    if np.array_equal(inputs[1:, :, 1:], inputs[:-1, :, :-1]):
+        planes = np.concatenate([inputs[:, :, -1], inputs[-1, :, :-1][:, ::-1].transpose(1, 0, 2, 3)], axis=0)
+        return planes, (steps + np.arange(k)[None, ::-1]).astype(np.int64)
+    return None

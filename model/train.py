@@ -1,0 +1,467 @@
+"""Training loop on in-memory 2.5D samples (torch only; no DICOM).
+
+A :class:`StudySamples` holds one study's normalised model-grid planes
+(M, 2, H, W) and centre-slice labels (N, H, W) with M = N + K - 1, exactly what
+the pipeline's stack builder produces. Training draws patches: mostly around
+the target, some around bright PET spots outside it (nodes, heart: hard
+negatives), some anywhere; augments them on the fly; optimises Dice + BCE with
+AdamW and a cosine schedule; validates each epoch (3D Dice on the model grid
+around each validation target) and keeps the best epoch. Epoch checkpoints
+(``<out>.last.safetensors`` + optimiser state) make a run resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.errors import CheckpointError
+from model.network import NetConfig, SimMamba, build_network, count_parameters
+from model.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudySamples:
+    """One study's model-grid data.
+
+    Attributes
+    ----------
+    name:
+        Study identifier for logs (no patient data).
+    planes:
+        (N + K - 1, 2, H, W) float32/float16 normalised PET and CT planes.
+    labels:
+        (N, H, W) uint8 target of each stack's centre slice.
+    spacing_mm:
+        (slice spacing, pixel spacing) of the model grid.
+    """
+
+    name: str
+    planes: np.ndarray
+    labels: np.ndarray
+    spacing_mm: tuple[float, float] = (3.0, 2.0)
+
+    def __post_init__(self) -> None:
+        if self.planes.ndim != 4 or self.planes.shape[1] != 2:
+            raise ValueError(f"{self.name}: planes must be (M, 2, H, W), got {self.planes.shape}")
+        if self.labels.ndim != 3 or self.labels.shape[1:] != self.planes.shape[2:]:
+            raise ValueError(f"{self.name}: labels {self.labels.shape} do not fit planes {self.planes.shape}")
+
+    @property
+    def k(self) -> int:
+        """K implied by the plane and label counts."""
+        return self.planes.shape[0] - self.labels.shape[0] + 1
+
+    def stack(self, i: int) -> np.ndarray:
+        """(2, K, H, W) float32 input of stack ``i``."""
+        return np.moveaxis(self.planes[i : i + self.k], 0, 1).astype(np.float32)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (stored in checkpoint metadata)."""
+
+    epochs: int = 20
+    samples_per_epoch: int = 400
+    batch_size: int = 8
+    patch: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    target_fraction: float = 0.6
+    hard_negative_fraction: float = 0.2
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    freeze: list[str] = field(default_factory=list)
+    # augmentation
+    flip_lr: float = 0.5
+    flip_slices: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    pet_gain: float = 0.2
+    ct_shift: float = 0.05
+    misregister_px: float = 2.0
+    val_patch: int = 128
+    val_margin_slices: int = 3
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _crop(arr: np.ndarray, cy: int, cx: int, size: int, fill: float) -> np.ndarray:
+    """Crop (..., H, W) around (cy, cx) to size x size, padding with ``fill``."""
+    h, w = arr.shape[-2:]
+    y0, x0 = cy - size // 2, cx - size // 2
+    out = np.full(arr.shape[:-2] + (size, size), fill, dtype=arr.dtype)
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + size, h), min(x0 + size, w)
+    if sy1 > sy0 and sx1 > sx0:
+        out[..., sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[..., sy0:sy1, sx0:sx1]
+    return out
+
+
+class PatchSampler:
+    """Draws (input, label) patches from studies with a fixed random generator."""
+
+    def __init__(self, studies: Sequence[StudySamples], cfg: TrainConfig, rng: np.random.Generator) -> None:
+        self.studies = list(studies)
+        self.cfg = cfg
+        self.rng = rng
+        self.positive = [np.flatnonzero(s.labels.reshape(len(s.labels), -1).any(1)) for s in self.studies]
+
+    def _fill(self) -> np.ndarray:
+        return np.array([0.0, -1.0], dtype=np.float32)  # PET 0, CT air
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        cfg, rng = self.cfg, self.rng
+        si = int(rng.integers(len(self.studies)))
+        s = self.studies[si]
+        n, h, w = s.labels.shape
+        r = rng.random()
+        pos = self.positive[si]
+        if r < cfg.target_fraction and len(pos):
+            i = int(rng.choice(pos))
+            ys, xs = np.nonzero(s.labels[i])
+            j = int(rng.integers(len(ys)))
+            jitter = cfg.patch // 3
+            cy = int(ys[j] + rng.integers(-jitter, jitter + 1))
+            cx = int(xs[j] + rng.integers(-jitter, jitter + 1))
+        elif r < cfg.target_fraction + cfg.hard_negative_fraction:
+            i = int(rng.integers(n))
+            pet = s.planes[i + s.k // 2, 0].astype(np.float32)
+            hot = (pet > max(0.35, float(pet.max()) * 0.5)) & (s.labels[i] == 0)
+            ys, xs = np.nonzero(hot)
+            if len(ys):
+                j = int(rng.integers(len(ys)))
+                cy, cx = int(ys[j]), int(xs[j])
+            else:
+                cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        else:
+            i = int(rng.integers(n))
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        x = s.stack(i)  # (2, K, H, W)
+        xp = np.stack([_crop(x[0], cy, cx, cfg.patch, 0.0), _crop(x[1], cy, cx, cfg.patch, -1.0)])
+        yp = _crop(s.labels[i].astype(np.float32), cy, cx, cfg.patch, 0.0)
+        return xp, yp
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.draw() for _ in range(size)))
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))[:, None]
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips, rotation/scaling, intensity jitter and PET/CT misregistration.
+
+    x: (B, 2, K, H, W); y: (B, 1, H, W) in {0, 1}.
+    """
+    b, m, k, h, w = x.shape
+    rnd = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    flip = rnd(b) < cfg.flip_lr
+    x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
+    y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+    zflip = rnd(b) < cfg.flip_slices
+    x = torch.where(zflip[:, None, None, None, None], x.flip(2), x)
+    # shared affine (rotation + isotropic scale) for every plane and the label
+    ang = (rnd(b) * 2 - 1) * math.radians(cfg.rotate_deg)
+    sc = 1 + (rnd(b) * 2 - 1) * cfg.scale
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)], 1)
+    # PET gets an extra small translation: simulated misregistration
+    shift = (rnd(b, 2) * 2 - 1) * cfg.misregister_px * 2 / torch.tensor([w, h], dtype=torch.float32)
+    theta_pet = theta.clone()
+    theta_pet[:, :, 2] += shift
+    grid = F.affine_grid(theta, (b, k, h, w), align_corners=False)
+    grid_pet = F.affine_grid(theta_pet, (b, k, h, w), align_corners=False)
+    pet = F.grid_sample(x[:, 0], grid_pet, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ct = F.grid_sample(x[:, 1] + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    pet = pet * (1 + (rnd(b, 1, 1, 1) * 2 - 1) * cfg.pet_gain)
+    ct = ct + (rnd(b, 1, 1, 1) * 2 - 1) * cfg.ct_shift
+    return torch.stack([pet.clamp(0, 1.5), ct.clamp(-1, 1)], dim=1), y
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """BCE plus soft Dice over the batch (smoothed so target-free batches stay finite)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    soft_dice = 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+    return cfg.bce_weight * bce + cfg.dice_weight * soft_dice
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def predict_planes(model: nn.Module, study: StudySamples, indices: Sequence[int], box: tuple[int, int, int, int] | None,
+                   batch_size: int = 8) -> np.ndarray:
+    """Probabilities (len(indices), h, w) for stacks ``indices``, cropped to ``box`` (y0, y1, x0, x1)."""
+    out = []
+    y0, y1, x0, x1 = box if box is not None else (0, study.labels.shape[1], 0, study.labels.shape[2])
+    with torch.inference_mode():
+        for s in range(0, len(indices), batch_size):
+            xs = np.stack([study.stack(i)[..., y0:y1, x0:x1] for i in indices[s : s + batch_size]])
+            out.append(torch.sigmoid(model(torch.from_numpy(xs))[:, 0]).numpy())
+    return np.concatenate(out) if out else np.zeros((0, y1 - y0, x1 - x0), np.float32)
+
+
+def _target_window(study: StudySamples, cfg: TrainConfig, multiple: int = 16) -> tuple[list[int], tuple[int, int, int, int]]:
+    """Stacks and in-plane box around the target (whole image when no target)."""
+    n, h, w = study.labels.shape
+    pos = np.flatnonzero(study.labels.reshape(n, -1).any(1))
+    if len(pos) == 0:
+        return list(range(0, n, max(1, n // 8))), (0, h, 0, w)
+    z0, z1 = max(0, pos[0] - cfg.val_margin_slices), min(n, pos[-1] + cfg.val_margin_slices + 1)
+    ys, xs = np.nonzero(study.labels[pos].any(0))
+    size = min(max(cfg.val_patch, int(max(np.ptp(ys), np.ptp(xs))) + 32), (min(h, w) // multiple) * multiple)
+    size = max(multiple, (size // multiple) * multiple)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    y0 = int(np.clip(cy - size // 2, 0, h - size))
+    x0 = int(np.clip(cx - size // 2, 0, w - size))
+    return list(range(z0, z1)), (y0, y0 + size, x0, x0 + size)
+
+
+def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig) -> dict[str, float]:
+    """Mean 3D Dice (threshold 0.5) on a window around each validation target."""
+    from model.metrics import dice
+
+    model.eval()
+    scores = []
+    for s in studies:
+        idx, box = _target_window(s, cfg)
+        prob = predict_planes(model, s, idx, box)
+        y0, y1, x0, x1 = box
+        truth = s.labels[idx][:, y0:y1, x0:x1] > 0
+        scores.append(dice(prob >= 0.5, truth))
+    return {"val_dice": float(np.mean(scores)) if scores else float("nan"), "val_cases": len(scores)}
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def freeze_stages(model: SimMamba, names: Sequence[str]) -> list[nn.Module]:
+    """Freeze the named encoder stages (stem, stage1, stage2, stage3); return the frozen modules."""
+    stages = model.encoder_stages()
+    frozen: list[nn.Module] = []
+    for name in names:
+        if name not in stages:
+            raise ValueError(f"unknown stage {name!r} to freeze; choose from {sorted(stages)}")
+        for mod in stages[name]:
+            for p in mod.parameters():
+                p.requires_grad_(False)
+            frozen.append(mod)
+    return frozen
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _last_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".last.safetensors")
+
+
+def _optimizer_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".optim.safetensors")
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path, state: dict[str, Any]) -> None:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            tensors[f"{pid}.{key}"] = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+    save_file(tensors, str(path), metadata={"progress": json.dumps(state)})
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        progress = json.loads(fh.metadata()["progress"])
+    tensors = load_file(str(path))
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, val in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = val
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return progress
+
+
+def train_model(
+    train: Sequence[StudySamples],
+    val: Sequence[StudySamples],
+    out: Path,
+    prep: Preprocessing,
+    net_cfg: NetConfig | None = None,
+    cfg: TrainConfig | None = None,
+    init: Path | None = None,
+    resume: bool = False,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train, validate each epoch, and keep the best epoch at ``out``.
+
+    Parameters
+    ----------
+    train, val:
+        Training and validation studies (validation may be empty: then the last
+        epoch is kept).
+    out:
+        Best checkpoint path (.safetensors); epoch checkpoints go beside it.
+    prep:
+        Preprocessing the samples were built with (stored in the metadata).
+    net_cfg:
+        Architecture; taken from ``init`` when fine-tuning.
+    init:
+        Checkpoint to start from (transfer learning); its architecture is used.
+    resume:
+        Continue from ``<out>.last.safetensors`` and its optimiser state.
+    metadata:
+        Extra metadata (training data description) for the checkpoint.
+
+    Returns
+    -------
+    dict
+        The best epoch's metrics and the history.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    init_meta: dict[str, Any] = {}
+    if init is not None:
+        model, init_meta = load_checkpoint(init)
+        if init_meta["preprocessing"] != prep.to_dict():
+            raise CheckpointError(
+                f"checkpoint {init}: its preprocessing {init_meta['preprocessing']} differs from this run's "
+                f"{prep.to_dict()}; rebuild the samples with the checkpoint's preprocessing"
+            )
+        net_cfg = model.cfg
+    else:
+        net_cfg = net_cfg or NetConfig(slices=prep.slices)
+        model = build_network(net_cfg)
+    if net_cfg.slices != prep.slices:
+        raise ValueError(f"network K={net_cfg.slices} but samples were built with K={prep.slices}")
+    for s in list(train) + list(val):
+        if s.k != prep.slices:
+            raise ValueError(f"{s.name}: samples have K={s.k}, expected {prep.slices}")
+    frozen = freeze_stages(model, cfg.freeze)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1 and not getattr(p, "_no_weight_decay", False)]
+    no_decay = [p for p in params if not (p.ndim > 1 and not getattr(p, "_no_weight_decay", False))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = max(1, cfg.samples_per_epoch // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    start_epoch, best, history = 0, -1.0, []
+    if resume and _last_path(out).is_file() and _optimizer_path(out).is_file():
+        model.load_state_dict(load_file(str(_last_path(out))))
+        state = _load_optimizer(opt, _optimizer_path(out))
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        log.info("resuming %s at epoch %d (best so far %.4f)", out.name, start_epoch + 1, best)
+    base_meta = {
+        "preprocessing": prep.to_dict(),
+        "architecture": net_cfg.to_dict(),
+        "seed": cfg.seed,
+        "training": asdict(cfg),
+        "init": (
+            {"checkpoint": str(init), "version": init_meta.get("version"), "training_data": init_meta.get("training_data")}
+            if init is not None else None
+        ),
+        "parameters": count_parameters(model),
+        **(metadata or {}),
+    }
+    log.info("training %d parameters (%d trainable) on %d studies, validating on %d",
+             count_parameters(model), sum(p.numel() for p in params), len(train), len(val))
+    bar = _progress(progress)
+    with bar:
+        task = bar.add_task("train", total=total, completed=start_epoch * steps_per_epoch) if bar else None
+        for epoch in range(start_epoch, cfg.epochs):
+            # per-epoch seeding: a resumed run draws the same samples as an uninterrupted one
+            rng = np.random.default_rng([cfg.seed, epoch])
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            sampler = PatchSampler(train, cfg, rng)
+            model.train()
+            for mod in frozen:
+                mod.eval()
+            t0, losses = time.perf_counter(), []
+            for step in range(steps_per_epoch):
+                g = epoch * steps_per_epoch + step
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(g, total, warmup, cfg.lr)
+                x, y = sampler.batch(cfg.batch_size)
+                x, y = augment(x, y, cfg, gen)
+                loss = dice_bce_loss(model(x), y, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                losses.append(float(loss.detach()))
+                if bar:
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses[-20:]):.3f}")
+            metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - t0, 1)}
+            metrics.update(validate(model, val, cfg) if val else {"val_dice": float("nan")})
+            history.append(metrics)
+            score = metrics["val_dice"] if val else float(epoch)
+            if not val or score > best:
+                best = score
+                save_checkpoint(out, model, {**base_meta, "metrics": {**metrics, "best_epoch": epoch + 1}, "history": history})
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(_last_path(out)))
+            _save_optimizer(opt, _optimizer_path(out), {"epoch": epoch + 1, "best": best, "history": history})
+            log.info("epoch %d: loss %.4f, val Dice %.4f (%.0f s)", epoch + 1, metrics["loss"], metrics["val_dice"], metrics["seconds"])
+            if on_epoch:
+                on_epoch(epoch + 1, metrics)
+    best_entry = max(history, key=lambda m: m["val_dice"]) if val and history else (history[-1] if history else {})
+    return {"best": best_entry, "history": history}
+
+
+class _NoBar:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())

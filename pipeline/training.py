@@ -1,0 +1,242 @@
+"""``igtv-node train``: labelled DICOM studies -> cached 2.5D samples -> a trained checkpoint.
+
+Each study goes through the same path as inference (read, select PET/CT, SUV,
+PET onto the CT grid, 2.5D stacks), and its label (an RTSTRUCT ROI or a
+DICOM-SEG segment matched by name) goes onto the same model grid. Samples are
+cached as pickle-free ``.npz`` files keyed by study, label names and
+preprocessing, so a second run (or a fine-tuning run) skips the DICOM work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.preprocessing import Preprocessing
+from model.train import StudySamples, TrainConfig, train_model
+from pipeline.errors import LabelError, PipelineError
+from pipeline.uids import validate_uid
+
+log = logging.getLogger(__name__)
+
+LABEL_MODALITIES = ("SEG", "RTSTRUCT")
+
+
+@dataclass
+class TrainRequest:
+    """What ``igtv-node train`` asks for (see the CLI help for each field).
+
+    The optional fields after ``resume`` are not CLI flags; scripts (ablations,
+    the model card) set them.
+    """
+
+    data: list[Path]
+    out: Path
+    roi_names: list[str]
+    init: Path | None = None
+    freeze: list[str] = field(default_factory=list)
+    epochs: int = 30
+    seed: int = 0
+    cache: Path = Path(".cache/samples")
+    val_fraction: float = 0.2
+    resume: bool = False
+    lr: float | None = None
+    samples_per_epoch: int = 400
+    batch_size: int = 8
+    threads: int = 2
+    architecture: dict[str, Any] | None = None
+    slices: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class StudyRef:
+    """The series of one study found under the data folders."""
+
+    study_uid: str
+    series: list[Any]  # pipeline.reader.SeriesInfo
+
+    @property
+    def label_series(self) -> list[Any]:
+        return [s for s in self.series if s.modality in LABEL_MODALITIES]
+
+
+def find_studies(data: Sequence[Path]) -> list[StudyRef]:
+    """Scan the folders (recursively) and group series by StudyInstanceUID, sorted by UID."""
+    from pipeline import reader
+
+    files: list[Path] = []
+    for root in data:
+        root = Path(root)
+        if not root.exists():
+            raise PipelineError(f"training data folder {root} does not exist")
+        files.extend(sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root])
+    scan = reader.scan_files(files)
+    by_study: dict[str, list[Any]] = defaultdict(list)
+    for s in scan.series:
+        by_study[s.study_instance_uid].append(s)
+    return [StudyRef(uid, by_study[uid]) for uid in sorted(by_study)]
+
+
+def _label_mask(ref: StudyRef, ct: Any, roi_names: Sequence[str]) -> tuple[np.ndarray, str]:
+    """CT-grid mask of the first label object that has a matching ROI/segment."""
+    import pydicom
+
+    from pipeline import labels
+
+    tried = []
+    for s in ref.label_series:
+        for path in s.files:
+            ds = pydicom.dcmread(path)
+            try:
+                if s.modality == "SEG":
+                    return labels.mask_from_seg(ds, ct, list(roi_names)), f"SEG {s.description or s.uid}"
+                return labels.mask_from_rtstruct(ds, ct, list(roi_names)), f"RTSTRUCT {s.description or s.uid}"
+            except LabelError as exc:
+                tried.append(str(exc))
+    detail = "; ".join(tried) if tried else "the study holds no SEG or RTSTRUCT"
+    raise LabelError(f"study {ref.study_uid}: no label named {list(roi_names)} ({detail})")
+
+
+def _cache_key(study_uid: str, roi_names: Sequence[str], prep: Preprocessing) -> str:
+    blob = json.dumps({"roi": sorted(n.lower() for n in roi_names), "prep": prep.to_dict()}, sort_keys=True)
+    return f"{validate_uid(study_uid)}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.npz"
+
+
+def build_samples(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing) -> StudySamples:
+    """Run one study through the inference path and put its label on the model grid.
+
+    The K slices of every stack are ordered inferior to superior, as in
+    ``StackSet.inputs``.
+    """
+    from pipeline import geometry, reader, selection, stacks, suv
+
+    chosen = selection.select_pet_ct(ref.series)
+    ct = reader.load_volume(chosen.ct)
+    pet = suv.to_suv(reader.load_volume(chosen.pet))
+    pet_on_ct, _ = geometry.pet_onto_ct(pet, ct)
+    del pet
+    stackset = stacks.build_stacks(ct, pet_on_ct, prep)
+    mask, source = _label_mask(ref, ct, roi_names)
+    if not mask.any():
+        raise LabelError(f"study {ref.study_uid}: label {source} is empty")
+    labels = stackset.labels_from_ct_grid(mask)
+    planes = stackset.planes
+    if not stackset.canonical.z_superior:  # inputs reverse K; reverse the study instead
+        planes, labels = planes[::-1], labels[::-1]
+    z_spacing = float(ct.image.GetSpacing()[2])
+    log.info("study %s: %d stacks of %dx%d, label from %s (%d positive slices)",
+             ref.study_uid, len(labels), *labels.shape[1:], source, int(labels.reshape(len(labels), -1).any(1).sum()))
+    return StudySamples(ref.study_uid, np.ascontiguousarray(planes), np.ascontiguousarray(labels),
+                        (z_spacing, prep.pixel_spacing_mm))
+
+
+def save_samples(path: Path, s: StudySamples) -> None:
+    """Write samples as an npz without pickled objects (planes stored as float16)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, planes=s.planes.astype(np.float16), labels=s.labels.astype(np.uint8),
+             spacing=np.asarray(s.spacing_mm, dtype=np.float64), name=np.asarray(s.name))
+    tmp.replace(path)
+
+
+def load_samples(path: Path) -> StudySamples:
+    """Read samples written by :func:`save_samples` (``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as z:
+        return StudySamples(str(z["name"]), z["planes"], z["labels"], tuple(float(v) for v in z["spacing"]))
+
+
+def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Preprocessing, cache: Path,
+                   progress: bool = False) -> list[StudySamples]:
+    """Samples of every study, from the cache when present (built and cached otherwise)."""
+    refs = list(refs)
+    out = []
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress()
+        bar.start()
+        task = bar.add_task("preparing studies", total=len(refs))
+    try:
+        for ref in refs:
+            path = Path(cache) / _cache_key(ref.study_uid, roi_names, prep)
+            if path.is_file():
+                out.append(load_samples(path))
+            else:
+                s = build_samples(ref, roi_names, prep)
+                save_samples(path, s)
+                out.append(s)
+            if bar:
+                bar.advance(task)
+    finally:
+        if bar:
+            bar.stop()
+    return out
+
+
+def split_studies(uids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic study-level split: (train, validation)."""
+    uids = sorted(uids)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = math.ceil(val_fraction * len(uids)) if len(uids) > 1 and val_fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(len(uids))
+    val = sorted(uids[i] for i in order[:n_val])
+    return [u for u in uids if u not in val], val
+
+
+def run_training(req: TrainRequest) -> dict[str, Any]:
+    """Prepare samples (cached), split by study, train, and write the best checkpoint."""
+    from model.checkpoint import read_metadata
+    from model.network import NetConfig
+
+    if req.init is not None:
+        prep = Preprocessing.from_dict(read_metadata(req.init)["preprocessing"])
+    else:
+        prep = Preprocessing(slices=req.slices) if req.slices else Preprocessing()
+    refs = find_studies(req.data)
+    refs = [r for r in refs if r.label_series]
+    if not refs:
+        raise LabelError(f"no labelled study (SEG or RTSTRUCT beside PET/CT) under {[str(p) for p in req.data]}")
+    samples = cached_samples(refs, req.roi_names, prep, req.cache, progress=req.progress)
+    by_uid = {s.name: s for s in samples}
+    train_uids, val_uids = split_studies(list(by_uid), req.val_fraction, req.seed)
+    net_cfg = None
+    if req.init is None:
+        arch = dict(req.architecture or {})
+        arch["slices"] = prep.slices
+        net_cfg = NetConfig.from_dict(arch)
+    cfg = TrainConfig(
+        epochs=req.epochs, seed=req.seed, freeze=list(req.freeze), threads=req.threads,
+        samples_per_epoch=req.samples_per_epoch, batch_size=req.batch_size,
+        lr=req.lr if req.lr is not None else (1e-3 if req.init is not None else 2e-3),
+    )
+    description = {
+        "training_data": {
+            "sources": [str(p) for p in req.data],
+            "label_names": list(req.roi_names),
+            "train_studies": len(train_uids),
+            "validation_studies": len(val_uids),
+            "study_digest": hashlib.sha256("\n".join(sorted(by_uid)).encode()).hexdigest()[:16],
+            "train_stacks": int(sum(len(by_uid[u].labels) for u in train_uids)),
+        }
+    }
+    log.info("training on %d studies, validating on %d", len(train_uids), len(val_uids))
+    result = train_model(
+        [by_uid[u] for u in train_uids], [by_uid[u] for u in val_uids], req.out, prep,
+        net_cfg=net_cfg, cfg=cfg, init=req.init, resume=req.resume, metadata=description,
+        progress=req.progress,
+    )
+    best = result["best"]
+    log.info("best epoch %s: validation Dice %.4f -> %s", best.get("epoch"), best.get("val_dice", float("nan")), req.out)
+    return result

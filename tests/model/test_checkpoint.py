@@ -1,0 +1,118 @@
+"""Checkpoints round-trip through safetensors + JSON and never unpickle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint, metadata_path, save_checkpoint, shipped_checkpoint_info
+from model.errors import CheckpointError
+from model.network import NetConfig, build_network
+from model.predict import Predictor
+from model.preprocessing import Preprocessing
+
+CFG = NetConfig(slices=3, widths=(4, 8, 8, 8), d_state=4)
+PREP = Preprocessing(slices=3)
+
+
+def _saved(tmp_path):
+    torch.manual_seed(0)
+    net = build_network(CFG)
+    path = save_checkpoint(tmp_path / "m.safetensors", net, {"preprocessing": PREP.to_dict(), "seed": 7,
+                                                             "training_data": {"studies": 2}})
+    return net, path
+
+
+def test_round_trip_and_predictor(tmp_path):
+    net, path = _saved(tmp_path)
+    net.eval()
+    loaded, meta = load_checkpoint(path)
+    assert meta["seed"] == 7 and meta["architecture"] == CFG.to_dict()
+    x = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+    pred = Predictor.load(path)
+    assert pred.preprocessing == PREP and pred.version == meta["version"]
+    probs = pred.predict(x.numpy(), batch_size=1)
+    assert probs.shape == (2, 32, 32) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, torch.sigmoid(net(x))[:, 0].detach().numpy(), atol=1e-5)
+
+
+def test_pickle_payload_in_safetensors_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    _, path = _saved(tmp_path)
+    path.write_bytes(pickle.dumps({"weights": Evil()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_pt_pickle_is_never_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    _, path = _saved(tmp_path)
+    evil = tmp_path / "m.pt"
+    evil.write_bytes(pickle.dumps(Evil()))
+    metadata_path(evil).write_text(metadata_path(path).read_text())
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError):
+        Predictor.load(evil)
+    assert not marker.exists()
+
+
+def test_missing_or_mismatched_files(tmp_path):
+    _, path = _saved(tmp_path)
+    with pytest.raises(CheckpointError, match="not found|missing"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    meta = json.loads(metadata_path(path).read_text())
+    meta["architecture"]["widths"] = [8, 8, 8, 8]
+    meta.pop("weights_sha256")
+    metadata_path(path).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="fit"):
+        load_checkpoint(path)
+    _, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+    metadata_path(path).unlink()
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_checkpoint(path)
+
+
+def test_shipped_info_is_a_line():
+    info = shipped_checkpoint_info()
+    assert isinstance(info, str) and "\n" not in info
+
+
+def test_shared_planes_give_the_same_probabilities(tmp_path):
+    """Whole-study inference encodes each plane once; results equal the plain path."""
+    from model.predict import shared_plane_layout
+
+    _, path = _saved(tmp_path)
+    pred = Predictor.load(path)
+    rng = np.random.default_rng(0)
+    planes = rng.normal(size=(9, 2, 32, 32)).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(planes, 3, axis=0)  # (7, 2, 32, 32, 3)
+    for inputs in (np.moveaxis(windows, -1, 2), np.moveaxis(windows, -1, 2)[:, :, ::-1]):
+        assert shared_plane_layout(inputs) is not None
+        fast = pred.predict(inputs, batch_size=3)
+        plain = np.stack([pred.predict(np.ascontiguousarray(inputs[i : i + 1]))[0] for i in range(len(inputs))])
+        np.testing.assert_allclose(fast, plain, atol=1e-5)
+    shuffled = np.moveaxis(windows, -1, 2)[[0, 2, 1]]
+    assert shared_plane_layout(shuffled) is None

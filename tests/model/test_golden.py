@@ -1,0 +1,30 @@
+"""Golden output: the shipped checkpoint segments a fixed synthetic study (never used in training).
+
+A broken network, checkpoint or preprocessing change makes this fail. It runs
+the real path (DICOM -> SUV -> stacks -> model -> CT grid -> post-processing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.checkpoint import shipped_checkpoint_path
+from model.metrics import dice
+
+GOLDEN_SEED = 424242  # not among the training (1000-1019, 2000-2011) or validation (9000-9007) seeds
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_on_fixed_study(synthetic_study_factory):
+    assert shipped_checkpoint_path().is_file(), "the shipped checkpoint is missing from model/weights/"
+    from model.predict import Predictor
+    from pipeline.evaluation import load_case, predict_case
+    from pipeline.training import find_studies
+
+    torch.set_num_threads(2)
+    study = synthetic_study_factory(GOLDEN_SEED, motion="breathing", small=False, lymph_nodes=False)
+    (ref,) = find_studies([study])
+    case = load_case(ref, ["IGTV"])
+    pred = predict_case(case, Predictor.load())
+    assert dice(pred, case.truth) >= 0.8

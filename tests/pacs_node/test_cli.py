@@ -1,0 +1,57 @@
+"""The command line: every command is there, and bad input ends with a message, not a traceback."""
+
+from __future__ import annotations
+
+import socket
+
+from typer.testing import CliRunner
+
+from pacs_node.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    out = runner.invoke(app, ["--help"])
+    assert out.exit_code == 0
+    for command in ("serve", "replay", "synth", "train", "evaluate", "echo", "version", "demo"):
+        assert command in out.output
+
+
+def test_version_names_node_and_python():
+    out = runner.invoke(app, ["version"])
+    assert out.exit_code == 0
+    assert out.output.startswith("igtv-node ")
+    assert "python 3." in out.output
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_echo_to_nobody_fails_cleanly():
+    out = runner.invoke(app, ["echo", f"NOBODY@127.0.0.1:{_closed_port()}"])
+    assert out.exit_code == 2
+    assert "error:" in out.output and "Traceback" not in out.output
+
+
+def test_malformed_echo_target_is_explained():
+    out = runner.invoke(app, ["echo", "not-a-target"])
+    assert out.exit_code == 2
+    assert "AET@HOST:PORT" in out.output
+
+
+def test_serve_with_a_broken_config_explains_and_exits(tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[listener]\nport = 'eleven'\nbogus = true\n")
+    out = runner.invoke(app, ["serve", "--config", str(cfg)])
+    assert out.exit_code == 2
+    assert "unknown key" in out.output
+
+
+def test_replay_of_a_missing_folder_exits_2(tmp_path):
+    out = runner.invoke(app, ["replay", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert out.exit_code == 2
+    assert "not a folder" in out.output

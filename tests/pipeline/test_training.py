@@ -1,0 +1,84 @@
+"""``igtv-node train`` end to end on small synthetic DICOM studies, and the evaluation path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint, metadata_path
+from model.preprocessing import Preprocessing
+from pipeline.errors import LabelError
+from pipeline.training import (
+    TrainRequest,
+    cached_samples,
+    find_studies,
+    load_samples,
+    run_training,
+    save_samples,
+    split_studies,
+)
+
+TINY = {"widths": [4, 8, 8, 8], "d_state": 4}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_split_is_deterministic_and_by_study():
+    uids = [f"1.2.{i}" for i in range(10)]
+    a = split_studies(uids, 0.2, seed=3)
+    assert a == split_studies(list(reversed(uids)), 0.2, seed=3)
+    train, val = a
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(uids)
+    assert split_studies(uids[:1], 0.5, 0) == (uids[:1], [])
+
+
+def test_samples_from_dicom_match_the_label_and_cache_without_pickle(small_study, tmp_path):
+    prep = Preprocessing(slices=3)
+    refs = find_studies([small_study])
+    assert len(refs) == 1 and {s.modality for s in refs[0].series} >= {"CT", "PT", "SEG"}
+    (s,) = cached_samples(refs, ["IGTV"], prep, tmp_path)
+    assert s.k == 3 and s.planes.shape[1] == 2 and s.labels.any()
+    # the target is PET-hot: mean PET inside the label is well above the mean elsewhere
+    centre_pet = s.planes[1:-1, 0].astype(np.float32)
+    assert centre_pet[s.labels > 0].mean() > 2 * centre_pet[s.labels == 0].mean()
+    (path,) = list(tmp_path.glob("*.npz"))
+    with np.load(path, allow_pickle=False) as z:
+        assert z["planes"].dtype == np.float16
+    again = load_samples(path)
+    assert np.array_equal(again.labels, s.labels)
+    # GTV labels differ from IGTV labels in a breathing study (IGTV is the envelope)
+    (g,) = cached_samples(refs, ["GTV"], prep, tmp_path)
+    assert g.labels.sum() < s.labels.sum()
+    with pytest.raises(LabelError):
+        cached_samples(refs, ["Heart"], prep, tmp_path)
+    save_samples(tmp_path / "x.npz", s)
+    assert load_samples(tmp_path / "x.npz").spacing_mm == s.spacing_mm
+
+
+def test_run_training_writes_checkpoint_and_fine_tunes(synthetic_study_factory, tmp_path):
+    studies = [synthetic_study_factory(seed, motion="static") for seed in (11, 12)]
+    base = tmp_path / "gtv.safetensors"
+    req = TrainRequest(data=studies, out=base, roi_names=["GTV"], epochs=1, seed=5, cache=tmp_path / "cache",
+                       val_fraction=0.5, samples_per_epoch=8, batch_size=4, threads=1, architecture=TINY,
+                       slices=3, progress=False)
+    res = run_training(req)
+    assert res["history"][0]["val_cases"] == 1
+    model, meta = load_checkpoint(base)
+    assert meta["training_data"]["train_studies"] == 1 and meta["training_data"]["label_names"] == ["GTV"]
+    assert meta["preprocessing"]["slices"] == 3 and meta["seed"] == 5
+    ft = tmp_path / "igtv.safetensors"
+    run_training(TrainRequest(data=studies, out=ft, roi_names=["IGTV"], init=base, freeze=["stem"], epochs=1,
+                              seed=6, cache=tmp_path / "cache", val_fraction=0.5, samples_per_epoch=8,
+                              batch_size=4, threads=1, progress=False))
+    meta_ft = json.loads(metadata_path(ft).read_text())
+    assert meta_ft["init"]["version"] == meta["version"] and meta_ft["training"]["freeze"] == ["stem"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # 2 studies x (GTV, IGTV)
