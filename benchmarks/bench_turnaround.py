@@ -55,19 +55,18 @@ def run(files: list[Path], stable_age: float, work: Path) -> dict:
         "export to destination": t_dest - processed_at,
     }
     return {
-        "model": "model.predict.Predictor" if _has_model() else "threshold stand-in (model not shipped yet)",
+        "model": _model_description(),
         "instances": len(files), "stable_age_s": stable_age,
         "turnaround_s": t_dest - t_ack - stable_age, "stages": stages,
         "pipeline_timings": report.get("timings") or report.get("timings_s") or {}, "peak_rss_mb": rss,
     }
 
 
-def _has_model() -> bool:
-    try:
-        import model.predict  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _model_description() -> str:
+    from nodeharness import load_predictor
+    from pipeline.settings import ProcessSettings
+
+    return load_predictor(ProcessSettings())[1]
 
 
 def table(r: dict) -> str:

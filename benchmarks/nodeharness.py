@@ -399,10 +399,16 @@ def pipeline_process(paths, out_dir, settings):
     """The real ``pipeline.process.process_study``; with the threshold stand-in while no model is shipped."""
     from pipeline.process import process_study
 
+    return process_study(paths, out_dir, settings, predictor=load_predictor(settings)[0])
+
+
+def load_predictor(settings):
+    """(predictor, description): the shipped model, or the threshold stand-in and why."""
+    from pipeline.errors import IgtvError
+
     try:
         from model.predict import Predictor
 
-        predictor = Predictor.load(settings.checkpoint, device=settings.device)
-    except ImportError:
-        predictor = ThresholdPredictor()
-    return process_study(paths, out_dir, settings, predictor=predictor)
+        return Predictor.load(settings.checkpoint, device=settings.device), "shipped model"
+    except (ImportError, IgtvError) as exc:
+        return ThresholdPredictor(), f"threshold stand-in (model not loadable: {str(exc)[:120]})"
