@@ -74,7 +74,7 @@ def machine() -> str:
     return (f"- CPU: {cpu}, {os.cpu_count()} cores (shared with other work while measuring)\n"
             f"- memory: {int(mem) / 1024 / 1024:.1f} GiB; python {platform.python_version()}, "
             f"pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
-            f"{(dcmtk[0] if dcmtk else 'dcmtk ?').strip()}\n"
+            f"{(dcmtk[0] if dcmtk else 'dcmtk ?').strip(' $').replace('$dcmtk: ', 'dcmtk ')}\n"
             f"- disk: write + fsync of a 512 kB file, median {fsync:.1f} ms (the floor of a durable ack)")
 
 
