@@ -64,6 +64,7 @@ def run(files: list[Path], stable_age: float, work: Path) -> dict:
 
 def _model_description() -> str:
     from nodeharness import load_predictor
+
     from pipeline.settings import ProcessSettings
 
     return load_predictor(ProcessSettings())[1]

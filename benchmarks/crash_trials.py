@@ -66,7 +66,7 @@ def make_study(root: Path, n_ct: int = 24, n_pet: int = 12):
 
 def _sha(path: Path) -> str:
     """Hash of the data set bytes after the file meta (the receiver writes its own meta)."""
-    from pydicom.filereader import read_preamble, _read_file_meta_info
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     with open(path, "rb") as fh:
         read_preamble(fh, False)

@@ -20,9 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reliabil
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fuzz_targets import (
+        IngestTarget,
+        check_multipart,
+        check_reader,
+        multipart_bodies,
+        mutated_instances,
+    )
     from hypothesis import HealthCheck, given, seed, settings
-
-    from fuzz_targets import IngestTarget, check_multipart, check_reader, multipart_bodies, mutated_instances
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=20000)

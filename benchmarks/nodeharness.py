@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -145,7 +146,7 @@ timeout_s = 10
         return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), DELAY_ENV: str(self.process_delay_s),
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-    def start(self, wait: bool = True, timeout: float = 60.0) -> "NodeProcess":
+    def start(self, wait: bool = True, timeout: float = 60.0) -> NodeProcess:
         """Start the node (own process group); wait until ``/health`` answers 200."""
         cfg = self.write_config()
         log = open(self.log_path, "ab")

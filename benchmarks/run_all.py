@@ -26,7 +26,6 @@ import bench_load  # noqa: E402
 import bench_turnaround  # noqa: E402
 import crash_trials  # noqa: E402
 
-
 INGEST_NOTES = """Where the listener waited, and what changed (`pacs_node/dulguard.py`):
 
 - dcmtk >= 3.6.2 leaves Nagle's algorithm on, so the last partial TCP segment of every C-STORE

@@ -106,7 +106,7 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
         try:
             if not sock.recv(65536):
                 return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         except (ConnectionResetError, BrokenPipeError):
             return True

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from relhelpers import node_config
 from variants import VARIANTS, write_variant
 

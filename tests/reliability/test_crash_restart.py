@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 import relhelpers  # noqa: F401  (import paths)
 from crash_trials import CASES, make_study, reference_uids, run_trial
 

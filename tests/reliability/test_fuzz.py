@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 import relhelpers  # noqa: F401  (import paths)
-from fuzz_targets import IngestTarget, check_multipart, check_reader, multipart_bodies, mutated_instances
+from fuzz_targets import (
+    IngestTarget,
+    check_multipart,
+    check_reader,
+    multipart_bodies,
+    mutated_instances,
+)
+from hypothesis import HealthCheck, given, settings
 
 BUDGET = settings(max_examples=150, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

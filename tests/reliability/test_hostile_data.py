@@ -14,8 +14,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
 from relhelpers import files_under, node_config
+
 from pacs_node.export import echo_peer
 from pacs_node.multipart import encode_related
 

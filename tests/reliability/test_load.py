@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import relhelpers  # noqa: F401  (import paths)
 from bench_load import run_load
 
