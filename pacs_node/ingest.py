@@ -11,10 +11,10 @@ import io
 import logging
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from pacs_node.events import NodeEvents
 from pacs_node.index import Index, InstanceRecord
@@ -29,6 +29,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -73,15 +74,18 @@ class Ingest:
         Larger instances are refused with 0xA700.
     max_instances_per_study:
         New instances beyond this count in one study are refused with 0xA700.
+    sop_classes:
+        When given, other SOP classes are refused with 0x0122 (as DIMSE does at association).
     """
 
     def __init__(self, spool: Spool, index: Index, max_instance_bytes: int, max_instances_per_study: int,
-                 events: NodeEvents | None = None) -> None:
+                 events: NodeEvents | None = None, sop_classes: Collection[str] | None = None) -> None:
         self.events = events or NodeEvents()
         self.spool = spool
         self.index = index
         self.max_instance_bytes = int(max_instance_bytes)
         self.max_instances_per_study = int(max_instances_per_study)
+        self.sop_classes = frozenset(str(c) for c in sop_classes) if sop_classes else None
 
     def store(self, part10: bytes, source: str, expected_study: str | None = None) -> IngestResult:
         """Store one instance (see :meth:`_store`), telling ``events`` what happened."""
@@ -120,9 +124,18 @@ class Ingest:
             header = {t: str(ds.get(t, "") or "") for t in _HEADER_TAGS}
             tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
             meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-            raise IngestRejected(f"cannot parse the DICOM header: {exc}", STATUS_CANNOT_UNDERSTAND) from None
+        except RecursionError:  # e.g. sequences nested hundreds deep
+            raise IngestRejected("cannot parse the DICOM header: sequences nested too deeply",
+                                 STATUS_CANNOT_UNDERSTAND) from None
+        except Exception as exc:  # any parse failure is the sender's data, never a transient 0xA7xx
+            raise IngestRejected(f"cannot parse the DICOM header: {type(exc).__name__}: {exc}"[:300],
+                                 STATUS_CANNOT_UNDERSTAND) from None
         study, series, sop = header["StudyInstanceUID"], header["SeriesInstanceUID"], header["SOPInstanceUID"]
+        if self.sop_classes is not None and header["SOPClassUID"] not in self.sop_classes:
+            raise IngestRejected(
+                f"SOP class {header['SOPClassUID'] or '(none)'} is not accepted by this node (CT, PET, SEG, RTSTRUCT)",
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+            )
         if meta_sop and sop and meta_sop != sop:
             raise IngestRejected(
                 f"SOPInstanceUID {sop!r} differs from the file meta's {meta_sop!r}", STATUS_DATASET_MISMATCH

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs_node.config import ListenerConfig
+from pacs_node.dulguard import guard_server
 from pacs_node.ingest import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Ingest, IngestRejected
 from pacs_node.tls import server_context
 
@@ -90,6 +91,7 @@ class Listener:
         self._server = self.ae.start_server(
             (self.cfg.host, int(self.cfg.port)), block=False, evt_handlers=self._handlers, ssl_context=ssl_ctx
         )
+        guard_server(self._server, int(self.cfg.max_pdu), self.ingest.max_instance_bytes, self.ae.network_timeout)
         port = int(self._server.server_address[1])
         log.info("DIMSE listener %s on %s:%d%s", self.cfg.ae_title, self.cfg.host, port,
                  " (TLS)" if ssl_ctx else "")

@@ -17,7 +17,7 @@ from pacs_node.http import HttpServer, Response, Router
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
 from pacs_node.jobs import JobQueue
-from pacs_node.listener import Listener
+from pacs_node.listener import STORAGE_SOP_CLASSES, Listener
 from pacs_node.metrics import NodeMetrics
 from pacs_node.observability import NodeObserver
 from pacs_node.spool import Spool
@@ -54,6 +54,7 @@ class NodeServer:
             self.spool, self.index,
             max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
             max_instances_per_study=cfg.listener.max_instances_per_study, events=self.events,
+            sop_classes=[str(c) for c in STORAGE_SOP_CLASSES],
         )
         self.listener = Listener(cfg.listener, self.ingest)
         self.router = Router()
