@@ -47,28 +47,6 @@ def storescp(tmp_path):
     scp.stop()
 
 
-def node_config(data_dir: Path, **overrides):
-    """A NodeConfig for tests: loopback, free ports, fake processing, short stable age."""
-    from pacs_node.config import NodeConfig
-
-    cfg = NodeConfig()
-    cfg.listener.host = "127.0.0.1"
-    cfg.listener.port = 0
-    cfg.listener.allow_aet = []
-    cfg.http.host = "127.0.0.1"
-    cfg.http.port = 0
-    cfg.spool.data_dir = data_dir
-    cfg.spool.stable_age_s = 1.0
-    cfg.spool.min_free_mb = 0
-    cfg.worker.process_function = "nodetest_helpers:fake_process"
-    cfg.export.backoff_initial_s = 0.5
-    cfg.export.timeout_s = 10
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
-
-
 @pytest.fixture
 def node_factory():
     """Start NodeServers from configs; all are stopped at the end."""

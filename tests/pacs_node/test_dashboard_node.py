@@ -7,8 +7,7 @@ import json
 import urllib.request
 
 import pytest
-from conftest import node_config
-from nodetest_helpers import echoscu, make_study, storescu, wait_for
+from nodetest_helpers import echoscu, make_study, node_config, storescu, wait_for
 from test_metrics import check_lines, parse
 
 from pacs_node.audit import read_events

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import node_config
-from nodetest_helpers import make_study, wait_for
+from nodetest_helpers import make_study, node_config, wait_for
 from orthanc_peer import Orthanc
 from pydicom import dcmread
 

@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import node_config
-from nodetest_helpers import echoscu, free_port, make_study, storescu, wait_for, wait_port
+from nodetest_helpers import (
+    echoscu,
+    free_port,
+    make_study,
+    node_config,
+    storescu,
+    wait_for,
+    wait_port,
+)
 from pydicom import dcmread
 
 from pacs_node.config import Destination

@@ -7,8 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import node_config
-from nodetest_helpers import make_study, wait_for
+from nodetest_helpers import make_study, node_config, wait_for
 from pydicom import dcmread
 
 from pacs_node.config import Destination
