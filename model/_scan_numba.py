@@ -1,9 +1,10 @@
 """numba kernels of the selective scan (forward and hand-written backward).
 
-Parallel over channels (``prange``), sequential over positions. Importing this
-module raises ImportError when numba is missing; :mod:`model.scan` then falls
-back to the torch scan. Shapes follow :mod:`model.scan` with B and C already
-expanded to (b, g, n, L).
+Parallel over channels (``prange``), sequential over positions. Shapes follow
+:mod:`model.scan`, except that B and C (and their gradients) come expanded to
+groups and laid out (b, g, L, n), so the inner loop over the state reads
+contiguous memory. Importing this module raises ImportError when numba is
+missing; :mod:`model.scan` then falls back to the torch scan.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def scan_forward(u, delta, A, B, C, D, bias, z, has_z, softplus, y, out):
             ul = u[bi, di, l]
             acc = 0.0
             for k in range(n):
-                h[k] = math.exp(dt * A[di, k]) * h[k] + dt * B[bi, gi, k, l] * ul
-                acc += h[k] * C[bi, gi, k, l]
+                h[k] = math.exp(dt * A[di, k]) * h[k] + dt * B[bi, gi, l, k] * ul
+                acc += h[k] * C[bi, gi, l, k]
             yl = acc + D[di] * ul
             y[bi, di, l] = yl
             if has_z:
@@ -87,7 +88,7 @@ def scan_backward(u, delta, A, B, C, D, bias, z, has_z, softplus, dout, nblk,
                 dts[l] = dt
                 ul = u[bi, di, l]
                 for k in range(n):
-                    hs[l + 1, k] = math.exp(dt * A[di, k]) * hs[l, k] + dt * B[bi, gi, k, l] * ul
+                    hs[l + 1, k] = math.exp(dt * A[di, k]) * hs[l, k] + dt * B[bi, gi, l, k] * ul
             # reverse sweep
             for k in range(n):
                 gcar[k] = 0.0
@@ -102,7 +103,7 @@ def scan_backward(u, delta, A, B, C, D, bias, z, has_z, softplus, dout, nblk,
                     sg = _sigmoid(zl)
                     acc = 0.0
                     for k in range(n):
-                        acc += hs[l + 1, k] * C[bi, gi, k, l]
+                        acc += hs[l + 1, k] * C[bi, gi, l, k]
                     yl = acc + D[di] * ul
                     dy = go * zl * sg
                     dz[bi, di, l] = go * yl * sg * (1.0 + zl * (1.0 - sg))
@@ -112,13 +113,13 @@ def scan_backward(u, delta, A, B, C, D, bias, z, has_z, softplus, dout, nblk,
                 dul = dy * D[di]
                 ddt = 0.0
                 for k in range(n):
-                    Ck = C[bi, gi, k, l]
-                    Bk = B[bi, gi, k, l]
-                    dC[blk, bi, gi, k, l] += dy * hs[l + 1, k]
+                    Ck = C[bi, gi, l, k]
+                    Bk = B[bi, gi, l, k]
+                    dC[blk, bi, gi, l, k] += dy * hs[l + 1, k]
                     G = gcar[k] + dy * Ck  # dL/dh_l
                     a = math.exp(dt * A[di, k])
                     # h_l = a * h_{l-1} + dt * B * u
-                    dB[blk, bi, gi, k, l] += G * dt * ul
+                    dB[blk, bi, gi, l, k] += G * dt * ul
                     dul += G * dt * Bk
                     da = G * hs[l, k] * a  # dL/d(dt*A)
                     ddt += G * Bk * ul + da * A[di, k]

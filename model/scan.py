@@ -18,7 +18,7 @@ Two backends:
 * ``numba``: a compiled kernel, parallel over channels and sequential over
   positions, with its own backward pass (states are recomputed per channel
   block, so no (b, d, L, n) tensor is kept). Default on CPU.
-* ``torch``: a chunked pure-torch scan (autograd does the backward); used when
+* ``torch``: a two-level chunked pure-torch scan (autograd does the backward); used when
   numba cannot be imported, and on non-CPU devices.
 
 The obviously-correct sequential reference lives in the tests
@@ -133,22 +133,6 @@ def selective_scan(
 # --------------------------------------------------------------------------- torch
 
 
-def _chunk_states(dA: torch.Tensor, dBu: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """States of one chunk via a stable segment sum.
-
-    dA: (b, d, T, n) log-decays (<= 0 for stable A), dBu: (b, d, T, n), h0: (b, d, n).
-    Returns states (b, d, T, n).
-    """
-    T = dA.shape[2]
-    S = torch.cumsum(dA, dim=2)  # (b, d, T, n)
-    # decay from position k to l (k <= l): exp(S_l - S_k); masked above the diagonal
-    seg = S.unsqueeze(3) - S.unsqueeze(2)  # (b, d, T_l, T_k, n)
-    mask = torch.ones(T, T, dtype=torch.bool, device=dA.device).tril()
-    seg = seg.masked_fill(~mask[None, None, :, :, None], float("-inf"))
-    h = torch.einsum("bdlkn,bdkn->bdln", torch.exp(seg), dBu)
-    return h + torch.exp(S) * h0.unsqueeze(2)
-
-
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -159,38 +143,58 @@ def selective_scan_chunked(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
-    chunk: int = 32,
+    chunk: int = 64,
 ) -> torch.Tensor:
-    """Pure-torch chunked scan: exact within chunks, sequential across chunks."""
+    """Pure-torch two-level scan: O(chunk + L/chunk) Python steps instead of O(L).
+
+    1. every chunk is scanned from a zero state, all chunks at once (chunk steps);
+    2. the chunks' end states are chained (L/chunk steps) with the chunk decays
+       ``exp(sum dt*A)``;
+    3. each position adds its chunk's carried-in state times ``exp(cumsum dt*A)``.
+    Only products of decays are exponentiated (no division), so it is as stable
+    as the sequential scan. Autograd does the backward.
+    """
     dtype_in = u.dtype
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
     B = _expand_groups(B, u.shape[1])
     C = _expand_groups(C, u.shape[1])
     b, d, L = u.shape
-    g = B.shape[1]
-    uf, dt = u.float() if u.dtype != torch.float64 else u, delta.to(u.dtype if u.dtype == torch.float64 else torch.float32)
+    g, n = B.shape[1], A.shape[1]
+    uf, dt = u.to(work), delta.to(work)
     if delta_bias is not None:
-        dt = dt + delta_bias[None, :, None].to(dt.dtype)
+        dt = dt + delta_bias[None, :, None].to(work)
     if delta_softplus:
         dt = F.softplus(dt)
-    Af = A.to(dt.dtype)
-    # per-group channel expansion of B and C: (b, d, n, L)
-    Bd = B.to(dt.dtype).repeat_interleave(d // g, dim=1)
-    Cd = C.to(dt.dtype).repeat_interleave(d // g, dim=1)
-    h = uf.new_zeros(b, d, A.shape[1])
-    ys = []
-    for s in range(0, L, chunk):
-        e = min(L, s + chunk)
-        dtc = dt[:, :, s:e]  # (b, d, T)
-        dA = dtc.unsqueeze(-1) * Af[None, :, None, :]  # (b, d, T, n)
-        dBu = (dtc * uf[:, :, s:e]).unsqueeze(-1) * Bd[:, :, :, s:e].transpose(2, 3)
-        hs = _chunk_states(dA, dBu, h)
-        ys.append(torch.einsum("bdln,bdnl->bdl", hs, Cd[:, :, :, s:e]))
-        h = hs[:, :, -1]
-    y = torch.cat(ys, dim=2)
+    T = max(1, min(chunk, L))
+    nc = -(-L // T)
+    pad = nc * T - L
+    # padded positions have dt = 0 and u = 0: decay 1, no input -> the state passes through
+    dt_p = F.pad(dt, (0, pad)).reshape(b, d, nc, T)
+    u_p = F.pad(uf, (0, pad)).reshape(b, d, nc, T)
+    Bd = F.pad(B.to(work), (0, pad)).repeat_interleave(d // g, dim=1).reshape(b, d, n, nc, T)
+    Cd = F.pad(C.to(work), (0, pad)).repeat_interleave(d // g, dim=1).reshape(b, d, n, nc, T)
+    dA = dt_p.unsqueeze(-1) * A.to(work)[None, :, None, None, :]  # (b, d, nc, T, n)
+    bx = (dt_p * u_p).unsqueeze(-1) * Bd.permute(0, 1, 3, 4, 2)  # (b, d, nc, T, n)
+    h = uf.new_zeros(b, d, nc, n)
+    local = []
+    for dA_t, bx_t in zip(dA.unbind(3), bx.unbind(3)):  # unbind keeps the backward linear
+        h = torch.exp(dA_t) * h + bx_t
+        local.append(h)
+    local_s = torch.stack(local, dim=3)  # (b, d, nc, T, n)
+    S = torch.cumsum(dA, dim=3)
+    decay = torch.exp(S[:, :, :, -1])  # (b, d, nc, n)
+    carry = uf.new_zeros(b, d, n)
+    carries = []
+    for P_c, last_c in zip(decay.unbind(2), local_s[:, :, :, -1].unbind(2)):
+        carries.append(carry)
+        carry = P_c * carry + last_c
+    h_in = torch.stack(carries, dim=2)  # (b, d, nc, n): state entering each chunk
+    states = local_s + torch.exp(S) * h_in.unsqueeze(3)
+    y = (states * Cd.permute(0, 1, 3, 4, 2)).sum(-1).reshape(b, d, nc * T)[..., :L]
     if D is not None:
-        y = y + uf * D[None, :, None].to(y.dtype)
+        y = y + uf * D[None, :, None].to(work)
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        y = y * F.silu(z.to(work))
     return y.to(dtype_in)
 
 
@@ -208,7 +212,8 @@ class _NumbaScan(torch.autograd.Function):
         tdt = torch.float64 if npdt is np.float64 else torch.float32
         b, d, L = u.shape
         n = A.shape[1]
-        arrs = [t.detach().to(tdt).contiguous() for t in (u, delta, A, B, C)]
+        # B, C as (b, g, L, n): the kernels' inner loop over n then reads contiguous memory
+        arrs = [t.detach().to(tdt).contiguous() for t in (u, delta, A, B.transpose(2, 3), C.transpose(2, 3))]
         Dt = (D if D is not None else torch.zeros(d, dtype=tdt)).detach().to(tdt).contiguous()
         bias = (delta_bias if delta_bias is not None else torch.zeros(d, dtype=tdt)).detach().to(tdt).contiguous()
         zt = z.detach().to(tdt).contiguous() if z is not None else torch.zeros(1, 1, 1, dtype=tdt)
@@ -235,8 +240,8 @@ class _NumbaScan(torch.autograd.Function):
         du = np.zeros((b, d, L), dtype=npdt)
         ddelta = np.zeros((b, d, L), dtype=npdt)
         dA = np.zeros((nblk, d, n), dtype=npdt)
-        dB = np.zeros((nblk, b, g, n, L), dtype=npdt)
-        dC = np.zeros((nblk, b, g, n, L), dtype=npdt)
+        dB = np.zeros((nblk, b, g, L, n), dtype=npdt)
+        dC = np.zeros((nblk, b, g, L, n), dtype=npdt)
         dD = np.zeros((nblk, d), dtype=npdt)
         dbias = np.zeros((nblk, d), dtype=npdt)
         dz = np.zeros((b, d, L) if has_z else (1, 1, 1), dtype=npdt)
@@ -253,8 +258,8 @@ class _NumbaScan(torch.autograd.Function):
             back(du, 0),
             back(ddelta, 1),
             back(dA.sum(axis=0), 2),
-            back(dB.sum(axis=0), 3),
-            back(dC.sum(axis=0), 4),
+            back(dB.sum(axis=0).transpose(0, 1, 3, 2), 3),
+            back(dC.sum(axis=0).transpose(0, 1, 3, 2), 4),
             back(dD.sum(axis=0), 5) if has_D else None,
             back(dz, 6) if has_z else None,
             back(dbias.sum(axis=0), 7) if has_bias else None,

@@ -32,10 +32,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     A = A.to(work)
     h = u.new_zeros(b, d, A.shape[1])
     ys = []
-    for l in range(L):
-        dt = delta[:, :, l].unsqueeze(-1)  # (b, d, 1)
-        h = torch.exp(dt * A) * h + dt * B[:, :, :, l] * u[:, :, l].unsqueeze(-1)
-        ys.append((h * C[:, :, :, l]).sum(-1))
+    # unbind (not indexing) per position keeps the backward linear in L
+    steps = zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1))
+    for dt, ul, Bl, Cl in steps:
+        dt = dt.unsqueeze(-1)  # (b, d, 1)
+        h = torch.exp(dt * A) * h + dt * Bl * ul.unsqueeze(-1)
+        ys.append((h * Cl).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D[None, :, None].to(work)
