@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from model.metrics import dice, hd95, volume_ratio
 from pipeline.errors import LabelError
+from pipeline.settings import ProcessSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
     margin = [int(math.ceil(margin_mm / s)) for s in spacing_zyx]
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + np.array(margin) + 1, truth.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     voi = np.asarray(suv[box], dtype=np.float32)
     peak = np.unravel_index(int(np.argmax(voi)), voi.shape)
     mask = voi >= fraction * float(voi[peak])
@@ -78,14 +79,19 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
     return out
 
 
-def predict_case(case: LoadedCase, predictor: Any, threshold: float = 0.5) -> np.ndarray:
-    """Post-processed boolean prediction of one case on the CT grid."""
+def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None) -> np.ndarray:
+    """Post-processed boolean prediction of one case on the CT grid (the node's post-processing)."""
     from pipeline import postprocess, stacks
+
+    settings = settings or ProcessSettings()
 
     stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
     probs = predictor.predict(stackset.inputs, batch_size=16)
     prob_ct = stackset.to_ct_grid(probs)
-    labels = postprocess.postprocess(prob_ct, case.spacing_zyx, threshold=threshold)
+    labels = postprocess.postprocess(
+        prob_ct, case.spacing_zyx, threshold=settings.threshold, min_component_cc=settings.min_component_cc,
+        keep=settings.keep_components, order_by=settings.lesion_order,
+    )
     return labels > 0
 
 
@@ -172,7 +178,7 @@ def run_evaluation(
         case = load_case(ref, roi_names)
         row: dict[str, Any] = {"study": case.study_uid, "truth_cc": float(case.truth.sum() * np.prod(case.spacing_zyx) / 1000)}
         for name, predictor in models.items():
-            row[name] = case_metrics(predict_case(case, predictor, threshold), case.truth, case.spacing_zyx)
+            row[name] = case_metrics(predict_case(case, predictor, ProcessSettings(threshold=threshold)), case.truth, case.spacing_zyx)
         if baselines:
             import SimpleITK as sitk
 

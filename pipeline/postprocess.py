@@ -2,8 +2,8 @@
 
 Steps: threshold, 3D connected components (26-connectivity), removal of
 components smaller than ``min_component_cc``, at most ``keep`` components
-(largest first), then hole filling per component in 3D and in every axial slice.
-Components are numbered 1..n by decreasing volume.
+(largest or most confident first), then hole filling per component in 3D and in
+every axial slice. Components are numbered 1..n in that order.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def postprocess(
     threshold: float = 0.5,
     min_component_cc: float = 0.1,
     keep: int = 5,
+    order_by: str = "volume",
 ) -> np.ndarray:
-    """Labelled lesion mask (uint8 (Z, Y, X); 0 background, 1 the largest lesion, ...).
+    """Labelled lesion mask (uint8 (Z, Y, X); 0 background, 1 the first lesion, ...).
 
     Parameters
     ----------
@@ -38,8 +39,14 @@ def postprocess(
     min_component_cc:
         Components smaller than this volume are removed.
     keep:
-        At most this many components are kept (largest first, at most 255); 0 keeps none.
+        At most this many components are kept (first in ``order_by`` order, at most 255);
+        0 keeps none.
+    order_by:
+        "volume" (largest first) or "confidence" (highest mean probability first; ties by
+        volume). With ``keep=1``, "confidence" keeps the component the network is surest of.
     """
+    if order_by not in ("volume", "confidence"):
+        raise ValueError(f"order_by must be 'volume' or 'confidence', got {order_by!r}")
     prob = np.asarray(prob)
     if prob.ndim != 3:
         raise ValueError(f"prob must be (Z, Y, X), got shape {prob.shape}")
@@ -56,7 +63,12 @@ def postprocess(
     labels, n = ndimage.label(fg_box, structure=_FULL)
     del fg_box
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_cc >= min_component_cc]
+    if order_by == "confidence":
+        means = np.asarray(ndimage.mean(prob[box], labels, index=np.arange(1, n + 1)), dtype=float)
+        ranking = np.lexsort((-sizes, -means))
+    else:
+        ranking = np.argsort(-sizes, kind="stable")
+    order = [int(i) + 1 for i in ranking if sizes[i] * voxel_cc >= min_component_cc]
     boxes = ndimage.find_objects(labels)
     target = out[box]
     for new, old in enumerate(order[: min(keep, 255)], start=1):

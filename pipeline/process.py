@@ -152,6 +152,7 @@ def process_study(
             threshold=settings.threshold,
             min_component_cc=settings.min_component_cc,
             keep=settings.keep_components,
+            order_by=settings.lesion_order,
         )
         components = postprocess.component_report(
             labels, suv_ct, spacing_zyx, origin=ct.image.GetOrigin(), direction=ct.image.GetDirection()

@@ -23,7 +23,12 @@ class ProcessSettings:
     min_component_cc:
         Connected components smaller than this (cc) are removed.
     keep_components:
-        At most this many lesions are kept and reported, largest first.
+        At most this many lesions are kept and reported.
+    lesion_order:
+        "confidence" (highest mean probability first) or "volume". With the default of one
+        kept lesion, "confidence" drops the network's less certain detections; on the
+        held-out synthetic set this raised mean whole-study Dice from 0.49 to 0.60
+        (docs/model_card.md).
     uid_root:
         Root of derived result UIDs.
     roi_name, roi_interpreted_type, roi_color:
@@ -38,7 +43,8 @@ class ProcessSettings:
     device: str = "cpu"
     threshold: float = 0.5
     min_component_cc: float = 0.1
-    keep_components: int = 5
+    keep_components: int = 1
+    lesion_order: str = "confidence"
     uid_root: str = DEFAULT_UID_ROOT
     roi_name: str = "IGTV"
     roi_interpreted_type: str = "GTV"

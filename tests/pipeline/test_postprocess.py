@@ -86,3 +86,17 @@ def test_empty_and_bad_input():
         postprocess(np.zeros((3, 3)), SPACING)
     with pytest.raises(ValueError):
         component_report(np.zeros((2, 3, 4), bool), np.zeros((2, 3, 3)), (1, 1, 1))
+
+
+def test_confidence_order_keeps_the_surest_component_first():
+    prob = blank()
+    prob[2:12, 5:25, 5:25] = 0.6  # large but uncertain
+    prob[14:18, 40:50, 40:50] = 0.95  # small and confident
+    by_volume = postprocess(prob, SPACING, keep=1)
+    by_confidence = postprocess(prob, SPACING, keep=1, order_by="confidence")
+    assert int((by_volume == 1).sum()) == 4000
+    assert int((by_confidence == 1).sum()) == 400 and by_confidence[16, 45, 45] == 1
+    both = postprocess(prob, SPACING, order_by="confidence")
+    assert both[16, 45, 45] == 1 and both[5, 10, 10] == 2
+    with pytest.raises(ValueError, match="order_by"):
+        postprocess(prob, SPACING, order_by="size")
