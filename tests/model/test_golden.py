@@ -23,7 +23,8 @@ def test_shipped_checkpoint_on_fixed_study(synthetic_study_factory):
     from pipeline.training import find_studies
 
     torch.set_num_threads(2)
-    study = synthetic_study_factory(GOLDEN_SEED, motion="breathing", small=False, lymph_nodes=False)
+    # a mid-sized (30 mm) moving tumour, no distracting nodes: a regression check, not a benchmark
+    study = synthetic_study_factory(GOLDEN_SEED, motion="breathing", small=False, lymph_nodes=False, diameter_mm=30.0)
     (ref,) = find_studies([study])
     case = load_case(ref, ["IGTV"])
     pred = predict_case(case, Predictor.load())
