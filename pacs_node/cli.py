@@ -226,9 +226,8 @@ def train(
     resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint of --out."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
-    from pipeline.training import TrainRequest, run_training
-
     from pipeline.errors import IgtvError
+    from pipeline.training import TrainRequest, run_training
 
     _setup_logging("INFO")
     try:
@@ -251,9 +250,8 @@ def evaluate(
     out: Path | None = typer.Option(None, "--out", help="Write per-case results as JSON here."),
 ) -> None:
     """Per-case Dice, HD95 and volume ratio on the original CT grid."""
-    from pipeline.evaluation import run_evaluation
-
     from pipeline.errors import IgtvError
+    from pipeline.evaluation import run_evaluation
 
     _setup_logging("WARNING")
     try:
