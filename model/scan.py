@@ -201,6 +201,27 @@ def selective_scan_chunked(
 # --------------------------------------------------------------------------- numba
 
 
+#: Below this many state updates (b*d*L*n) the numba kernels run on the calling thread only:
+#: a second OpenMP pool spinning beside torch's costs more than it gains on small scans,
+#: and under CPU contention the spinning pools can stall each other.
+PARALLEL_MIN_WORK = 16_000_000
+
+
+def _run_kernel(kernel: Any, work: int, *args: Any) -> None:
+    """Call a numba kernel, single-threaded when ``work`` is small."""
+    import numba
+
+    if work >= PARALLEL_MIN_WORK or numba.get_num_threads() == 1:
+        kernel(*args)
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
+
+
 class _NumbaScan(torch.autograd.Function):
     """autograd wrapper around the numba forward and backward kernels."""
 
@@ -219,7 +240,8 @@ class _NumbaScan(torch.autograd.Function):
         zt = z.detach().to(tdt).contiguous() if z is not None else torch.zeros(1, 1, 1, dtype=tdt)
         y = np.empty((b, d, L), dtype=npdt)
         out = np.empty((b, d, L), dtype=npdt)
-        kern.scan_forward(
+        _run_kernel(
+            kern.scan_forward, b * d * L * n,
             *(a.numpy() for a in arrs), Dt.numpy(), bias.numpy(), zt.numpy(),
             z is not None, bool(delta_softplus), y, out,
         )
@@ -236,7 +258,8 @@ class _NumbaScan(torch.autograd.Function):
         dout_np = dout.detach().to(u.dtype).contiguous().numpy()
         b, d, L = u.shape
         g = B.shape[1]
-        nblk = _backward_blocks(b * d)
+        work = b * d * L * n
+        nblk = _backward_blocks(b * d) if work >= PARALLEL_MIN_WORK else 1
         du = np.zeros((b, d, L), dtype=npdt)
         ddelta = np.zeros((b, d, L), dtype=npdt)
         dA = np.zeros((nblk, d, n), dtype=npdt)
@@ -245,8 +268,8 @@ class _NumbaScan(torch.autograd.Function):
         dD = np.zeros((nblk, d), dtype=npdt)
         dbias = np.zeros((nblk, d), dtype=npdt)
         dz = np.zeros((b, d, L) if has_z else (1, 1, 1), dtype=npdt)
-        _NUMBA.scan_backward(
-            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), Dt.numpy(), bias.numpy(),
+        _run_kernel(
+            _NUMBA.scan_backward, work, u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), Dt.numpy(), bias.numpy(),
             zt.numpy(), has_z, softplus, dout_np, nblk, du, ddelta, dA, dB, dC, dD, dbias, dz,
         )
         dt_ = ctx.input_dtypes
