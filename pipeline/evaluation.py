@@ -69,7 +69,7 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
     margin = [int(math.ceil(margin_mm / s)) for s in spacing_zyx]
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + np.array(margin) + 1, truth.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
     voi = np.asarray(suv[box], dtype=np.float32)
     peak = np.unravel_index(int(np.argmax(voi)), voi.shape)
     mask = voi >= fraction * float(voi[peak])
