@@ -40,22 +40,22 @@ def scan_forward(u, delta, A, B, C, D, bias, z, has_z, softplus, y, out):
         di = bd % d
         gi = di // per_group
         h = np.zeros(n, dtype=u.dtype)
-        for l in range(L):
-            dt = delta[bi, di, l] + bias[di]
+        for t in range(L):
+            dt = delta[bi, di, t] + bias[di]
             if softplus:
                 dt = _softplus(dt)
-            ul = u[bi, di, l]
+            ul = u[bi, di, t]
             acc = 0.0
             for k in range(n):
-                h[k] = math.exp(dt * A[di, k]) * h[k] + dt * B[bi, gi, l, k] * ul
-                acc += h[k] * C[bi, gi, l, k]
+                h[k] = math.exp(dt * A[di, k]) * h[k] + dt * B[bi, gi, t, k] * ul
+                acc += h[k] * C[bi, gi, t, k]
             yl = acc + D[di] * ul
-            y[bi, di, l] = yl
+            y[bi, di, t] = yl
             if has_z:
-                zl = z[bi, di, l]
-                out[bi, di, l] = yl * zl * _sigmoid(zl)
+                zl = z[bi, di, t]
+                out[bi, di, t] = yl * zl * _sigmoid(zl)
             else:
-                out[bi, di, l] = yl
+                out[bi, di, t] = yl
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -71,7 +71,7 @@ def scan_backward(u, delta, A, B, C, D, bias, z, has_z, softplus, dout, nblk,
     for blk in prange(nblk):
         start = (total * blk) // nblk
         stop = (total * (blk + 1)) // nblk
-        hs = np.empty((L + 1, n), dtype=u.dtype)  # hs[l + 1] = state after position l
+        hs = np.empty((L + 1, n), dtype=u.dtype)  # hs[t + 1] = state after position t
         dts = np.empty(L, dtype=u.dtype)
         gcar = np.empty(n, dtype=u.dtype)
         for bd in range(start, stop):
@@ -81,54 +81,54 @@ def scan_backward(u, delta, A, B, C, D, bias, z, has_z, softplus, dout, nblk,
             # recompute states
             for k in range(n):
                 hs[0, k] = 0.0
-            for l in range(L):
-                dt = delta[bi, di, l] + bias[di]
+            for t in range(L):
+                dt = delta[bi, di, t] + bias[di]
                 if softplus:
                     dt = _softplus(dt)
-                dts[l] = dt
-                ul = u[bi, di, l]
+                dts[t] = dt
+                ul = u[bi, di, t]
                 for k in range(n):
-                    hs[l + 1, k] = math.exp(dt * A[di, k]) * hs[l, k] + dt * B[bi, gi, l, k] * ul
+                    hs[t + 1, k] = math.exp(dt * A[di, k]) * hs[t, k] + dt * B[bi, gi, t, k] * ul
             # reverse sweep
             for k in range(n):
                 gcar[k] = 0.0
             dDacc = 0.0
             dbacc = 0.0
-            for l in range(L - 1, -1, -1):
-                ul = u[bi, di, l]
-                dt = dts[l]
-                go = dout[bi, di, l]
+            for t in range(L - 1, -1, -1):
+                ul = u[bi, di, t]
+                dt = dts[t]
+                go = dout[bi, di, t]
                 if has_z:
-                    zl = z[bi, di, l]
+                    zl = z[bi, di, t]
                     sg = _sigmoid(zl)
                     acc = 0.0
                     for k in range(n):
-                        acc += hs[l + 1, k] * C[bi, gi, l, k]
+                        acc += hs[t + 1, k] * C[bi, gi, t, k]
                     yl = acc + D[di] * ul
                     dy = go * zl * sg
-                    dz[bi, di, l] = go * yl * sg * (1.0 + zl * (1.0 - sg))
+                    dz[bi, di, t] = go * yl * sg * (1.0 + zl * (1.0 - sg))
                 else:
                     dy = go
                 dDacc += dy * ul
                 dul = dy * D[di]
                 ddt = 0.0
                 for k in range(n):
-                    Ck = C[bi, gi, l, k]
-                    Bk = B[bi, gi, l, k]
-                    dC[blk, bi, gi, l, k] += dy * hs[l + 1, k]
+                    Ck = C[bi, gi, t, k]
+                    Bk = B[bi, gi, t, k]
+                    dC[blk, bi, gi, t, k] += dy * hs[t + 1, k]
                     G = gcar[k] + dy * Ck  # dL/dh_l
                     a = math.exp(dt * A[di, k])
-                    # h_l = a * h_{l-1} + dt * B * u
-                    dB[blk, bi, gi, l, k] += G * dt * ul
+                    # h_l = a * h_{t-1} + dt * B * u
+                    dB[blk, bi, gi, t, k] += G * dt * ul
                     dul += G * dt * Bk
-                    da = G * hs[l, k] * a  # dL/d(dt*A)
+                    da = G * hs[t, k] * a  # dL/d(dt*A)
                     ddt += G * Bk * ul + da * A[di, k]
                     dA[blk, di, k] += da * dt
                     gcar[k] = G * a
-                du[bi, di, l] = dul
+                du[bi, di, t] = dul
                 if softplus:
-                    ddt = ddt * _sigmoid(delta[bi, di, l] + bias[di])
-                ddelta[bi, di, l] = ddt
+                    ddt = ddt * _sigmoid(delta[bi, di, t] + bias[di])
+                ddelta[bi, di, t] = ddt
                 dbacc += ddt
             dD[blk, di] += dDacc
             dbias[blk, di] += dbacc

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ def save_checkpoint(path: Path, model: nn.Module, metadata: dict[str, Any]) -> P
         meta["architecture"] = cfg.to_dict()
     if "preprocessing" not in meta:
         raise CheckpointError(f"checkpoint {path}: metadata needs 'preprocessing'")
-    meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
     meta["format"] = FORMAT
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

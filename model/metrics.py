@@ -36,7 +36,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     idx = np.argwhere(p | t)
     lo = np.maximum(idx.min(0) - 2, 0)
     hi = np.minimum(idx.max(0) + 3, p.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
     p, t = p[box], t[box]
     sp, st = _surface(p), _surface(t)
     dt_t = ndimage.distance_transform_edt(~st, sampling=spacing)

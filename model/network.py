@@ -85,7 +85,7 @@ class NetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NetConfig":
+    def from_dict(cls, data: dict[str, Any]) -> NetConfig:
         """Inverse of :meth:`to_dict`; unknown keys are rejected."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known

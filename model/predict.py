@@ -48,7 +48,7 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> "Predictor":
+    def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> Predictor:
         """Load ``checkpoint`` (default: the shipped model) onto ``device`` ("cpu", "cuda", "auto")."""
         path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
         dev = _device(device)

@@ -177,7 +177,7 @@ def selective_scan_chunked(
     bx = (dt_p * u_p).unsqueeze(-1) * Bd.permute(0, 1, 3, 4, 2)  # (b, d, nc, T, n)
     h = uf.new_zeros(b, d, nc, n)
     local = []
-    for dA_t, bx_t in zip(dA.unbind(3), bx.unbind(3)):  # unbind keeps the backward linear
+    for dA_t, bx_t in zip(dA.unbind(3), bx.unbind(3), strict=False):  # unbind keeps the backward linear
         h = torch.exp(dA_t) * h + bx_t
         local.append(h)
     local_s = torch.stack(local, dim=3)  # (b, d, nc, T, n)
@@ -185,7 +185,7 @@ def selective_scan_chunked(
     decay = torch.exp(S[:, :, :, -1])  # (b, d, nc, n)
     carry = uf.new_zeros(b, d, n)
     carries = []
-    for P_c, last_c in zip(decay.unbind(2), local_s[:, :, :, -1].unbind(2)):
+    for P_c, last_c in zip(decay.unbind(2), local_s[:, :, :, -1].unbind(2), strict=False):
         carries.append(carry)
         carry = P_c * carry + last_c
     h_in = torch.stack(carries, dim=2)  # (b, d, nc, n): state entering each chunk

@@ -13,8 +13,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.network import NetConfig, build_network, count_parameters
-from model.network import Scan2D
+from model.network import NetConfig, Scan2D, build_network, count_parameters
 
 
 def _scan_flops(model: torch.nn.Module, x: torch.Tensor) -> int:

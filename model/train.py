@@ -170,7 +170,7 @@ class PatchSampler:
         return xp, yp
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(self.draw() for _ in range(size)))
+        xs, ys = zip(*(self.draw() for _ in range(size)), strict=False)
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))[:, None]
 
 
@@ -462,6 +462,12 @@ class _NoBar:
 def _progress(enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())

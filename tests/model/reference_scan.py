@@ -33,7 +33,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     h = u.new_zeros(b, d, A.shape[1])
     ys = []
     # unbind (not indexing) per position keeps the backward linear in L
-    steps = zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1))
+    steps = zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1), strict=False)
     for dt, ul, Bl, Cl in steps:
         dt = dt.unsqueeze(-1)  # (b, d, 1)
         h = torch.exp(dt * A) * h + dt * Bl * ul.unsqueeze(-1)

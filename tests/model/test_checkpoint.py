@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, metadata_path, save_checkpoint, shipped_checkpoint_info
+from model.checkpoint import (
+    load_checkpoint,
+    metadata_path,
+    save_checkpoint,
+    shipped_checkpoint_info,
+)
 from model.errors import CheckpointError
 from model.network import NetConfig, build_network
 from model.predict import Predictor

@@ -6,9 +6,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from reference_scan import selective_scan_reference
 
 from model.mamba import Mamba
-from reference_scan import selective_scan_reference
 
 
 def _expected_state_dict_shapes(d_model, d_state=16, d_conv=4, expand=2):

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from reference_scan import selective_scan_reference
 
 from model.scan import available_backends, selective_scan
-from reference_scan import selective_scan_reference
 
 BACKENDS = available_backends()
 
@@ -46,7 +46,7 @@ def test_forward_and_gradients_match_reference(backend, use_D, use_z, use_bias, 
     w = torch.randn_like(y_ref)
     g_ref = torch.autograd.grad((y_ref * w).sum(), leaves)
     g = torch.autograd.grad((y * w).sum(), leaves)
-    for a, e in zip(g, g_ref):
+    for a, e in zip(g, g_ref, strict=False):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
@@ -62,7 +62,7 @@ def test_grouped_B_C_and_float32(backend):
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     g_ref = torch.autograd.grad(y_ref.sum(), (u, delta, B, C))
     g = torch.autograd.grad(y.sum(), (u, delta, B, C))
-    for a, e in zip(g, g_ref):
+    for a, e in zip(g, g_ref, strict=False):
         torch.testing.assert_close(a, e, atol=2e-4, rtol=1e-3)
 
 
@@ -91,5 +91,5 @@ def test_chunked_torch_scan_chains_chunks(chunk):
     torch.testing.assert_close(y, y_ref, atol=1e-8, rtol=1e-8)
     g_ref = torch.autograd.grad(y_ref.sum(), leaves)
     g = torch.autograd.grad(y.sum(), leaves)
-    for a, e in zip(g, g_ref):
+    for a, e in zip(g, g_ref, strict=False):
         torch.testing.assert_close(a, e, atol=1e-8, rtol=1e-8)

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from blobs import blob_study
+
 from model.checkpoint import load_checkpoint, metadata_path
 from model.network import NetConfig
 from model.preprocessing import Preprocessing
