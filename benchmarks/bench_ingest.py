@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nodeharness import NodeProcess, free_port, wait_for  # noqa: E402
+from nodeharness import NodeProcess, free_port, wait_port  # noqa: E402
 
 DEFAULT_STUDY = Path(tempfile.gettempdir()) / "igtv-bench-study-seed3-ct1.5"
 
@@ -44,16 +44,6 @@ def ensure_study(folder: Path, seed: int = 3, ct_slice_mm: float = 1.5) -> list[
     print(f"generating the benchmark study in {folder} ...", flush=True)
     write_study(generate_study(seed, SynthOptions(ct_slice_mm=ct_slice_mm)), folder)
     return sorted(p for p in folder.rglob("*.dcm") if "truth" not in p.parts)
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    def is_open() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-    wait_for(is_open, timeout, f"port {port}")
 
 
 def send(port: int, files: list[Path], aec: str) -> float:
@@ -140,7 +130,7 @@ class SubprocessReceiver(Receiver):
         port = free_port()
         argv = [a.replace("{port}", str(port)).replace("{out}", str(self.out)) for a in self.argv]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-        _wait_port(port)
+        wait_port(port)
         return port
 
     def stop(self) -> None:

@@ -49,6 +49,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Wait until something accepts TCP connections on loopback ``port``."""
+    def is_open() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+    wait_for(is_open, timeout, f"port {port}")
+
+
 def slow_fake_process(paths, out_dir, settings):
     """The node tests' fake processing (real SEG + RTSTRUCT, deterministic UIDs) after a delay.
 
