@@ -94,14 +94,32 @@ class Metric:
         return "\n".join(lines) + "\n"
 
 
-class Counter(Metric):
+class _StoredMetric(Metric):
+    """A metric whose series are numbers kept per label-value tuple."""
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[LabelValues, float] = {}
+
+    def _add(self, amount: float, labels: Mapping[str, object]) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: object) -> float:
+        """Current stored value of one series (0 if never changed)."""
+        key = self._key(labels)
+        with self._lock:
+            return self._values.get(key, 0.0)
+
+
+class Counter(_StoredMetric):
     """A monotonically increasing count; the name should end in ``_total``."""
 
     kind = "counter"
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, help, labelnames)
-        self._values: dict[LabelValues, float] = {}
         if not self.labelnames:
             self._values[()] = 0.0
 
@@ -109,15 +127,7 @@ class Counter(Metric):
         """Add ``amount`` (>= 0) to the series selected by ``labels``."""
         if amount < 0:
             raise ValueError(f"counter {self.name} cannot decrease (amount {amount})")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: object) -> float:
-        """Current value of one series (0 if never incremented)."""
-        key = self._key(labels)
-        with self._lock:
-            return self._values.get(key, 0.0)
+        self._add(amount, labels)
 
     def samples(self) -> list[tuple[str, tuple[str, ...], LabelValues, float]]:
         with self._lock:
@@ -125,14 +135,13 @@ class Counter(Metric):
         return [(self.name, self.labelnames, k, v) for k, v in items]
 
 
-class Gauge(Metric):
+class Gauge(_StoredMetric):
     """A value that goes up and down, set directly or read from a callback at scrape time."""
 
     kind = "gauge"
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, help, labelnames)
-        self._values: dict[LabelValues, float] = {}
         self._function: Callable[[], object] | None = None
 
     def set(self, value: float, **labels: object) -> None:
@@ -142,16 +151,8 @@ class Gauge(Metric):
             self._values[key] = float(value)
 
     def inc(self, amount: float = 1.0, **labels: object) -> None:
-        """Add ``amount`` (may be negative) to one series."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: object) -> float:
-        """Current value of one series (a callback is not consulted)."""
-        key = self._key(labels)
-        with self._lock:
-            return self._values.get(key, 0.0)
+        """Add ``amount`` (may be negative) to one series; a callback, if set, is not consulted."""
+        self._add(amount, labels)
 
     def set_function(self, fn: Callable[[], object] | None) -> None:
         """Read the value(s) from ``fn`` at each scrape instead of stored values.
