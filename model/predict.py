@@ -11,16 +11,8 @@ import torch
 import torch.nn as nn
 
 from model.checkpoint import load_checkpoint, shipped_checkpoint_path
-from model.errors import CheckpointError
+from model.device import resolve_device
 from model.preprocessing import Preprocessing
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"device {name!r} requested but CUDA is not available; use device 'cpu'")
-    return torch.device(name)
 
 
 @dataclass
@@ -51,7 +43,7 @@ class Predictor:
     def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> Predictor:
         """Load ``checkpoint`` (default: the shipped model) onto ``device`` ("cpu", "cuda", "auto")."""
         path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
-        dev = _device(device)
+        dev = resolve_device(device)
         network, meta = load_checkpoint(path, device=str(dev))
         return cls(
             network=network,

@@ -99,8 +99,8 @@ class TrainConfig:
     pet_gain: float = 0.2
     ct_shift: float = 0.05
     misregister_px: float = 2.0
-    val_patch: int = 128
-    val_margin_slices: int = 3
+    device: str = "cpu"
+    prefetch: int = 4
 
 
 def seed_everything(seed: int) -> None:
@@ -164,8 +164,9 @@ class PatchSampler:
         else:
             i = int(rng.integers(n))
             cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        x = s.stack(i)  # (2, K, H, W)
-        xp = np.stack([_crop(x[0], cy, cx, cfg.patch, 0.0), _crop(x[1], cy, cx, cfg.patch, -1.0)])
+        planes = s.planes[i : i + s.k]  # (K, 2, H, W): crop first, then convert only the patch
+        xp = np.stack([_crop(planes[:, 0], cy, cx, cfg.patch, 0.0), _crop(planes[:, 1], cy, cx, cfg.patch, -1.0)])
+        xp = xp.astype(np.float32, copy=False)
         yp = _crop(s.labels[i].astype(np.float32), cy, cx, cfg.patch, 0.0)
         return xp, yp
 
@@ -180,7 +181,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
     x: (B, 2, K, H, W); y: (B, 1, H, W) in {0, 1}.
     """
     b, m, k, h, w = x.shape
-    rnd = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    dev = x.device
+    rnd = lambda *s: torch.rand(*s, generator=gen).to(dev)  # noqa: E731
     flip = rnd(b) < cfg.flip_lr
     x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
     y = torch.where(flip[:, None, None, None], y.flip(-1), y)
@@ -190,9 +192,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
     ang = (rnd(b) * 2 - 1) * math.radians(cfg.rotate_deg)
     sc = 1 + (rnd(b) * 2 - 1) * cfg.scale
     cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)], 1)
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b, device=dev)], 1), torch.stack([sin, cos, torch.zeros(b, device=dev)], 1)], 1)
     # PET gets an extra small translation: simulated misregistration
-    shift = (rnd(b, 2) * 2 - 1) * cfg.misregister_px * 2 / torch.tensor([w, h], dtype=torch.float32)
+    shift = (rnd(b, 2) * 2 - 1) * cfg.misregister_px * 2 / torch.tensor([w, h], dtype=torch.float32, device=dev)
     theta_pet = theta.clone()
     theta_pet[:, :, 2] += shift
     grid = F.affine_grid(theta, (b, k, h, w), align_corners=False)
@@ -217,47 +219,71 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) 
 # --------------------------------------------------------------------------- validation
 
 
-def predict_planes(model: nn.Module, study: StudySamples, indices: Sequence[int], box: tuple[int, int, int, int] | None,
-                   batch_size: int = 8) -> np.ndarray:
-    """Probabilities (len(indices), h, w) for stacks ``indices``, cropped to ``box`` (y0, y1, x0, x1)."""
+def predict_study(model: nn.Module, study: StudySamples, batch_size: int = 16) -> np.ndarray:
+    """Probabilities (N, H, W) of every stack of ``study`` over the whole crop."""
+    dev = next(model.parameters()).device
     out = []
-    y0, y1, x0, x1 = box if box is not None else (0, study.labels.shape[1], 0, study.labels.shape[2])
     with torch.inference_mode():
-        for s in range(0, len(indices), batch_size):
-            xs = np.stack([study.stack(i)[..., y0:y1, x0:x1] for i in indices[s : s + batch_size]])
-            out.append(torch.sigmoid(model(torch.from_numpy(xs))[:, 0]).numpy())
-    return np.concatenate(out) if out else np.zeros((0, y1 - y0, x1 - x0), np.float32)
-
-
-def _target_window(study: StudySamples, cfg: TrainConfig, multiple: int = 16) -> tuple[list[int], tuple[int, int, int, int]]:
-    """Stacks and in-plane box around the target (whole image when no target)."""
-    n, h, w = study.labels.shape
-    pos = np.flatnonzero(study.labels.reshape(n, -1).any(1))
-    if len(pos) == 0:
-        return list(range(0, n, max(1, n // 8))), (0, h, 0, w)
-    z0, z1 = max(0, pos[0] - cfg.val_margin_slices), min(n, pos[-1] + cfg.val_margin_slices + 1)
-    ys, xs = np.nonzero(study.labels[pos].any(0))
-    size = min(max(cfg.val_patch, int(max(np.ptp(ys), np.ptp(xs))) + 32), (min(h, w) // multiple) * multiple)
-    size = max(multiple, (size // multiple) * multiple)
-    cy, cx = int(ys.mean()), int(xs.mean())
-    y0 = int(np.clip(cy - size // 2, 0, h - size))
-    x0 = int(np.clip(cx - size // 2, 0, w - size))
-    return list(range(z0, z1)), (y0, y0 + size, x0, x0 + size)
+        for s in range(0, len(study.labels), batch_size):
+            xs = np.stack([study.stack(i) for i in range(s, min(s + batch_size, len(study.labels)))])
+            out.append(torch.sigmoid(model(torch.from_numpy(xs).to(dev))[:, 0]).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + study.labels.shape[1:], np.float32)
 
 
 def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig) -> dict[str, float]:
-    """Mean 3D Dice (threshold 0.5) on a window around each validation target."""
+    """Mean 3D Dice (threshold 0.5) over each validation study's whole crop.
+
+    Every stack is predicted, so false positives anywhere in the lungs count:
+    this is the model-grid equivalent of the whole-study evaluation.
+    """
     from model.metrics import dice
 
     model.eval()
-    scores = []
-    for s in studies:
-        idx, box = _target_window(s, cfg)
-        prob = predict_planes(model, s, idx, box)
-        y0, y1, x0, x1 = box
-        truth = s.labels[idx][:, y0:y1, x0:x1] > 0
-        scores.append(dice(prob >= 0.5, truth))
+    scores = [dice(predict_study(model, s) >= 0.5, s.labels > 0) for s in studies]
     return {"val_dice": float(np.mean(scores)) if scores else float("nan"), "val_cases": len(scores)}
+
+
+class BatchPrefetcher:
+    """Draws the next batches on a background thread while the model trains.
+
+    One producer draws batches in order from the sampler, so the sequence is the
+    same as drawing them inline (runs stay reproducible).
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, count: int, depth: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for _ in range(count):
+                    if self._stop.is_set():
+                        return
+                    self._queue.put(sampler.batch(batch_size))
+            except BaseException as exc:  # handed to the consumer
+                self._queue.put(exc)
+
+        self._thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y) batch, in draw order."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (unblocks it if the queue is full)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except Exception:
+                self._thread.join(timeout=0.05)
 
 
 # --------------------------------------------------------------------------- loop
@@ -297,7 +323,8 @@ def _save_optimizer(opt: torch.optim.Optimizer, path: Path, state: dict[str, Any
     tensors: dict[str, torch.Tensor] = {}
     for pid, st in sd["state"].items():
         for key, val in st.items():
-            tensors[f"{pid}.{key}"] = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+            tensors[f"{pid}.{key}"] = (val.detach().to("cpu").contiguous() if isinstance(val, torch.Tensor)
+                                       else torch.tensor(val))
     save_file(tensors, str(path), metadata={"progress": json.dumps(state)})
 
 
@@ -355,9 +382,14 @@ def train_model(
     dict
         The best epoch's metrics and the history.
     """
+    from model.device import resolve_device
+
     cfg = cfg or TrainConfig()
     out = Path(out)
+    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     seed_everything(cfg.seed)
     init_meta: dict[str, Any] = {}
     if init is not None:
@@ -376,6 +408,7 @@ def train_model(
     for s in list(train) + list(val):
         if s.k != prep.slices:
             raise ValueError(f"{s.name}: samples have K={s.k}, expected {prep.slices}")
+    model.to(device)
     frozen = freeze_stages(model, cfg.freeze)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1 and not getattr(p, "_no_weight_decay", False)]
@@ -418,28 +451,34 @@ def train_model(
             for mod in frozen:
                 mod.eval()
             t0, losses = time.perf_counter(), []
-            for step in range(steps_per_epoch):
-                g = epoch * steps_per_epoch + step
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(g, total, warmup, cfg.lr)
-                x, y = sampler.batch(cfg.batch_size)
-                x, y = augment(x, y, cfg, gen)
-                loss = dice_bce_loss(model(x), y, cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 5.0)
-                opt.step()
-                losses.append(float(loss.detach()))
-                if bar:
-                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses[-20:]):.3f}")
-            metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - t0, 1)}
+            batches = BatchPrefetcher(sampler, cfg.batch_size, steps_per_epoch, cfg.prefetch)
+            try:
+                for step in range(steps_per_epoch):
+                    g = epoch * steps_per_epoch + step
+                    for group in opt.param_groups:
+                        group["lr"] = _lr_at(g, total, warmup, cfg.lr)
+                    x, y = batches.next()
+                    x, y = augment(x.to(device, non_blocking=True), y.to(device, non_blocking=True), cfg, gen)
+                    loss = dice_bce_loss(model(x), y, cfg)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 5.0)
+                    opt.step()
+                    losses.append(loss.detach())
+                    if bar and (step % 10 == 9 or step == steps_per_epoch - 1):
+                        recent = float(torch.stack(losses[-20:]).mean())
+                        bar.update(task, completed=g + 1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {recent:.3f}")
+            finally:
+                batches.close()
+            mean_loss = float(torch.stack(losses).mean())
+            metrics = {"epoch": epoch + 1, "loss": mean_loss, "seconds": round(time.perf_counter() - t0, 1)}
             metrics.update(validate(model, val, cfg) if val else {"val_dice": float("nan")})
             history.append(metrics)
             score = metrics["val_dice"] if val else float(epoch)
             if not val or score > best:
                 best = score
                 save_checkpoint(out, model, {**base_meta, "metrics": {**metrics, "best_epoch": epoch + 1}, "history": history})
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(_last_path(out)))
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(_last_path(out)))
             _save_optimizer(opt, _optimizer_path(out), {"epoch": epoch + 1, "best": best, "history": history})
             log.info("epoch %d: loss %.4f, val Dice %.4f (%.0f s)", epoch + 1, metrics["loss"], metrics["val_dice"], metrics["seconds"])
             if on_epoch:

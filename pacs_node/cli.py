@@ -74,6 +74,7 @@ def synth(
     compress: str | None = typer.Option(None, help="Pixel data compression: rle or jpeg2000."),
     pet_offset: str | None = typer.Option(None, help="PET geometry offset 'X,Y,Z' in mm (own frame of reference)."),
     pet_slice: float | None = typer.Option(None, help="PET slice spacing in mm."),
+    workers: int = typer.Option(1, help="Processes generating studies in parallel (about 0.7 GB each)."),
 ) -> None:
     """Generate synthetic thorax PET/CT studies as DICOM files with GTV/IGTV truth."""
     from pipeline.errors import IgtvError
@@ -99,7 +100,7 @@ def synth(
             lymph_nodes=lymph_nodes, feet_first=feet_first, compress=compress, pet_offset_mm=offset,
             pet_slice_mm=pet_slice,
         )
-        paths = generate_studies(out, seed=seed, cases=cases, options=options, progress=True)
+        paths = generate_studies(out, seed=seed, cases=cases, options=options, progress=True, workers=workers)
     except IgtvError as exc:
         _fail(exc)
     for p in paths:
@@ -224,6 +225,13 @@ def train(
     cache: Path = typer.Option(Path(".cache/samples"), help="Preprocessed-sample cache."),
     val_fraction: float = typer.Option(0.2, help="Fraction of studies held out for validation."),
     resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint of --out."),
+    device: str = typer.Option("cpu", help="Where to train: cpu, cuda or auto."),
+    workers: int = typer.Option(1, help="Processes preparing uncached studies (about 1.5 GB each)."),
+    batch_size: int = typer.Option(8, help="Patches per optimiser step."),
+    patch: int = typer.Option(64, help="Training patch size in model-grid pixels."),
+    samples_per_epoch: int = typer.Option(400, help="Patches drawn per epoch."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 2e-3, or 1e-3 with --init)."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError
@@ -235,6 +243,8 @@ def train(
             TrainRequest(
                 data=list(data), out=out, roi_names=list(roi), init=init, freeze=list(freeze),
                 epochs=epochs, seed=seed, cache=cache, val_fraction=val_fraction, resume=resume,
+                device=device, workers=workers, batch_size=batch_size, patch=patch,
+                samples_per_epoch=samples_per_epoch, lr=lr, threads=threads,
             )
         )
     except IgtvError as exc:
@@ -248,6 +258,7 @@ def evaluate(
     roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
     baselines: bool = typer.Option(True, help="Also run the SUV-40% baseline."),
     out: Path | None = typer.Option(None, "--out", help="Write per-case results as JSON here."),
+    device: str = typer.Option("cpu", help="Where the network runs: cpu, cuda or auto."),
 ) -> None:
     """Per-case Dice, HD95 and volume ratio on the original CT grid."""
     from pipeline.errors import IgtvError
@@ -255,7 +266,8 @@ def evaluate(
 
     _setup_logging("WARNING")
     try:
-        run_evaluation(list(data), checkpoint=checkpoint, roi_names=list(roi), baselines=baselines, out=out)
+        run_evaluation(list(data), checkpoint=checkpoint, roi_names=list(roi), baselines=baselines, out=out,
+                       device=device)
     except IgtvError as exc:
         _fail(exc)
 

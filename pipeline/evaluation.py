@@ -140,6 +140,7 @@ def run_evaluation(
     extra: Mapping[str, Path] | None = None,
     threshold: float = 0.5,
     echo: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (default: shipped) and baselines on labelled studies.
 
@@ -157,6 +158,8 @@ def run_evaluation(
         Write per-case results and the summary as JSON here.
     extra:
         Further checkpoints by name (ablations), evaluated on the same cases.
+    device:
+        Where the networks run ("cpu", "cuda", "auto").
 
     Returns
     -------
@@ -166,9 +169,9 @@ def run_evaluation(
     from model.predict import Predictor
     from pipeline.training import find_studies
 
-    models = {"SIM-Mamba": Predictor.load(checkpoint)}
+    models = {"SIM-Mamba": Predictor.load(checkpoint, device=device)}
     for name, path in (extra or {}).items():
-        models[name] = Predictor.load(path)
+        models[name] = Predictor.load(path, device=device)
     refs = [r for r in find_studies(data) if r.label_series]
     if not refs:
         raise LabelError(f"no labelled study (SEG or RTSTRUCT beside PET/CT) under {[str(p) for p in data]}")

@@ -53,6 +53,9 @@ class TrainRequest:
     samples_per_epoch: int = 400
     batch_size: int = 8
     threads: int = 2
+    device: str = "cpu"
+    workers: int = 1
+    patch: int = 64
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -155,33 +158,49 @@ def load_samples(path: Path) -> StudySamples:
         return StudySamples(str(z["name"]), z["planes"], z["labels"], tuple(float(v) for v in z["spacing"]))
 
 
+def prepare_sample_file(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing, path: Path) -> Path:
+    """Build one study's samples and write them to ``path`` (a worker-process entry point)."""
+    save_samples(path, build_samples(ref, roi_names, prep))
+    return path
+
+
 def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Preprocessing, cache: Path,
-                   progress: bool = False) -> list[StudySamples]:
-    """Samples of every study, from the cache when present (built and cached otherwise)."""
+                   progress: bool = False, workers: int = 1) -> list[StudySamples]:
+    """Samples of every study, from the cache when present (built and cached otherwise).
+
+    Missing studies are built by ``workers`` processes (each runs the whole
+    DICOM path, about 1.5 GB peak for a full-size study).
+    """
     refs = list(refs)
-    out = []
+    paths = [Path(cache) / _cache_key(ref.study_uid, roi_names, prep) for ref in refs]
+    missing = [(ref, path) for ref, path in zip(refs, paths, strict=True) if not path.is_file()]
     bar = None
-    if progress:
+    if progress and missing:
         from rich.progress import Progress
 
         bar = Progress()
         bar.start()
-        task = bar.add_task("preparing studies", total=len(refs))
+        task = bar.add_task("preparing studies", total=len(missing))
     try:
-        for ref in refs:
-            path = Path(cache) / _cache_key(ref.study_uid, roi_names, prep)
-            if path.is_file():
-                out.append(load_samples(path))
-            else:
-                s = build_samples(ref, roi_names, prep)
-                save_samples(path, s)
-                out.append(s)
-            if bar:
-                bar.advance(task)
+        if workers > 1 and len(missing) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(prepare_sample_file, ref, list(roi_names), prep, path) for ref, path in missing]
+                for fut in as_completed(futures):
+                    fut.result()
+                    if bar:
+                        bar.advance(task)
+        else:
+            for ref, path in missing:
+                prepare_sample_file(ref, roi_names, prep, path)
+                if bar:
+                    bar.advance(task)
     finally:
         if bar:
             bar.stop()
-    return out
+    return [load_samples(path) for path in paths]
 
 
 def split_studies(uids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -208,7 +227,7 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
     refs = [r for r in refs if r.label_series]
     if not refs:
         raise LabelError(f"no labelled study (SEG or RTSTRUCT beside PET/CT) under {[str(p) for p in req.data]}")
-    samples = cached_samples(refs, req.roi_names, prep, req.cache, progress=req.progress)
+    samples = cached_samples(refs, req.roi_names, prep, req.cache, progress=req.progress, workers=req.workers)
     by_uid = {s.name: s for s in samples}
     train_uids, val_uids = split_studies(list(by_uid), req.val_fraction, req.seed)
     net_cfg = None
@@ -218,7 +237,7 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         net_cfg = NetConfig.from_dict(arch)
     cfg = TrainConfig(
         epochs=req.epochs, seed=req.seed, freeze=list(req.freeze), threads=req.threads,
-        samples_per_epoch=req.samples_per_epoch, batch_size=req.batch_size,
+        samples_per_epoch=req.samples_per_epoch, batch_size=req.batch_size, patch=req.patch, device=req.device,
         lr=req.lr if req.lr is not None else (1e-3 if req.init is not None else 2e-3),
     )
     description = {

@@ -12,7 +12,7 @@ from blobs import blob_study
 from model.checkpoint import load_checkpoint, metadata_path
 from model.network import NetConfig
 from model.preprocessing import Preprocessing
-from model.train import TrainConfig, augment, train_model
+from model.train import BatchPrefetcher, PatchSampler, TrainConfig, augment, train_model
 
 PREP = Preprocessing(slices=3)
 NET = NetConfig(slices=3, widths=(8, 8, 16, 16), d_state=4)
@@ -20,7 +20,7 @@ NET = NetConfig(slices=3, widths=(8, 8, 16, 16), d_state=4)
 
 def _cfg(**kw):
     base = dict(epochs=3, samples_per_epoch=48, batch_size=8, patch=32, lr=5e-3, threads=1, seed=1,
-                val_patch=32, rotate_deg=5)
+                rotate_deg=5)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -66,3 +66,38 @@ def test_augment_keeps_shapes_and_binary_labels():
     assert xa.shape == x.shape and ya.shape == y.shape
     assert set(torch.unique(ya).tolist()) <= {0.0, 1.0}
     assert xa[:, 1].min() >= -1 and xa[:, 1].max() <= 1
+
+
+def test_prefetched_batches_match_inline_draws():
+    studies = [blob_study(s) for s in range(3)]
+    cfg = _cfg()
+    inline = PatchSampler(studies, cfg, np.random.default_rng(7))
+    expected = [inline.batch(4) for _ in range(5)]
+    prefetch = BatchPrefetcher(PatchSampler(studies, cfg, np.random.default_rng(7)), 4, 5, depth=2)
+    try:
+        got = [prefetch.next() for _ in range(5)]
+    finally:
+        prefetch.close()
+    for (xe, ye), (xg, yg) in zip(expected, got, strict=True):
+        assert torch.equal(xe, xg) and torch.equal(ye, yg)
+        assert xg.dtype == torch.float32 and xg.shape == (4, 2, 3, 32, 32)
+
+
+def test_prefetcher_passes_sampler_errors_to_the_trainer():
+    class Broken:
+        def batch(self, size):
+            raise RuntimeError("sampler broke")
+
+    prefetch = BatchPrefetcher(Broken(), 4, 3, depth=1)
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        prefetch.next()
+    prefetch.close()
+
+
+def test_cuda_device_refused_clearly_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from model.device import DeviceError
+
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        train_model([blob_study(0)], [], tmp_path / "m.safetensors", PREP, NET, _cfg(device="cuda"), progress=False)

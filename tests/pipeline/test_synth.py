@@ -234,3 +234,20 @@ def test_pet_slice_spacing_option_and_coverage(synthetic_study_factory, syntheti
     assert float(pet[0].SliceThickness) == pytest.approx(3.27)
     ct_z = study.ct_grid.axes()[2]
     assert z.min() < ct_z.min() and z.max() > ct_z.max()  # the PET covers the whole CT range
+
+
+def test_parallel_generation_writes_the_same_studies(tmp_path):
+    from pipeline.synth.generate import generate_studies
+
+    options = SynthOptions(small=True, motion="static")
+    serial = generate_studies(tmp_path / "serial", seed=41, cases=2, options=options)
+    parallel = generate_studies(tmp_path / "parallel", seed=41, cases=2, options=options, workers=2)
+    assert [p.name for p in serial] == [p.name for p in parallel]
+    for a, b in zip(serial, parallel, strict=True):
+        files_a = sorted(p.relative_to(a) for p in a.rglob("*.dcm") if p.parent.name != "truth")
+        files_b = sorted(p.relative_to(b) for p in b.rglob("*.dcm") if p.parent.name != "truth")
+        assert files_a == files_b and files_a
+        for rel in files_a:
+            da, db = pydicom.dcmread(a / rel), pydicom.dcmread(b / rel)
+            assert da.SOPInstanceUID == db.SOPInstanceUID
+            assert da.PixelData == db.PixelData

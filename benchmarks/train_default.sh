@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Reproduce the shipped checkpoint with the repo's own commands: synthetic studies,
+# GTV pre-training, IGTV fine-tuning (transfer learning), held-out evaluation.
+#
+# Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
+#   stages (default: all, in this order): data valdata pretrain finetune eval
+# Environment:
+#   IGTV      command that runs the CLI (default: igtv-node)
+#   DEVICE    cpu | cuda | auto (default: auto)
+#   WORKERS   processes for synthesis and sample preparation (default: 4)
+#   LIMIT_S   stop a training stage after this many seconds; run the same stage
+#             again to resume it from its last epoch (default: no limit)
+#
+# Every epoch is seeded from (seed, epoch), so a resumed stage gives the same
+# result as an uninterrupted one. Training ran on one GPU; on a CPU expect hours.
+set -euo pipefail
+
+WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
+shift
+STAGES=${*:-data valdata pretrain finetune eval}
+IGTV=${IGTV:-igtv-node}
+DEVICE=${DEVICE:-auto}
+WORKERS=${WORKERS:-4}
+DATA=$WORK/data
+RUNS=$WORK/runs
+CACHE=$WORK/cache
+mkdir -p "$DATA" "$RUNS" "$CACHE"
+
+limited() {  # run a training command, stopping it after LIMIT_S (resumable)
+    if [[ -n "${LIMIT_S:-}" ]]; then
+        timeout --signal=TERM "$LIMIT_S" "$@" || [[ $? -eq 124 ]]
+    else
+        "$@"
+    fi
+}
+
+for stage in $STAGES; do
+    case $stage in
+    data)
+        [[ -d $DATA/pretrain_gtv ]] || $IGTV synth "$DATA/pretrain_gtv" --seed 1000 --cases 96 --motion static --workers "$WORKERS"
+        [[ -d $DATA/finetune_igtv ]] || $IGTV synth "$DATA/finetune_igtv" --seed 2000 --cases 32 --motion breathing --workers "$WORKERS"
+        ;;
+    valdata)
+        [[ -d $DATA/val_igtv ]] || $IGTV synth "$DATA/val_igtv" --seed 9000 --cases 16 --motion breathing --workers "$WORKERS"
+        ;;
+    pretrain)
+        limited $IGTV train "$DATA/pretrain_gtv" --roi GTV --out "$RUNS/pretrain_gtv.safetensors" \
+            --epochs 24 --samples-per-epoch 6400 --batch-size 32 --patch 96 --seed 11 --val-fraction 0.1 \
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        ;;
+    finetune)
+        limited $IGTV train "$DATA/finetune_igtv" --roi IGTV --init "$RUNS/pretrain_gtv.safetensors" \
+            --out "$RUNS/finetune_igtv.safetensors" --epochs 16 --samples-per-epoch 6400 --batch-size 32 \
+            --patch 96 --seed 12 --val-fraction 0.15 --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        ;;
+    eval)
+        $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/finetune_igtv.safetensors" --device "$DEVICE" \
+            --out "$RUNS/eval_finetune_igtv.json"
+        ;;
+    *)
+        echo "unknown stage $stage (data valdata pretrain finetune eval)" >&2
+        exit 2
+        ;;
+    esac
+done
