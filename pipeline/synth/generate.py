@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 
-from pacs_node import __version__
 from pipeline.synth.anatomy import ThoraxModel, sample_anatomy
 from pipeline.synth.breathing import BreathingTrace
 from pipeline.synth.ct import hu_to_stored, render_ct
@@ -35,6 +34,7 @@ from pipeline.synth.pet import render_pet, sample_uptake
 from pipeline.synth.series import F18_HALF_LIFE_S, StudyInfo, ct_datasets, pet_datasets
 from pipeline.synth.truth import make_seg, write_case_json, write_rtstruct_truth
 from pipeline.uids import DEFAULT_UID_ROOT, derive_uid
+from pipeline.version import __version__
 
 __all__ = ["SynthOptions", "SynthOptionsError", "SyntheticStudy", "generate_study", "write_study",
            "generate_studies"]
