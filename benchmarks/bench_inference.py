@@ -30,6 +30,7 @@ from model.checkpoint import save_checkpoint, shipped_checkpoint_path  # noqa: E
 from model.network import NetConfig, build_network  # noqa: E402
 from model.predict import Predictor  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
+from pipeline.settings import ProcessSettings  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--study", type=Path, default=None, help="a DICOM study folder to run through the pipeline")
+    ap.add_argument("--flips", default=ProcessSettings().test_time_flips,
+                    help="test-time flips: none, lr or lr+slices (default: the node's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     try:
@@ -87,10 +90,10 @@ def main() -> None:
         inputs = np.moveaxis(np.lib.stride_tricks.sliding_window_view(planes, k, axis=0), -1, 2)
     pred.predict(inputs[:2])  # warm-up (numba kernels load from cache)
     t2 = time.perf_counter()
-    probs = pred.predict(inputs, batch_size=a.batch_size)
+    probs = pred.predict(inputs, batch_size=a.batch_size, flips=a.flips)
     t_inf = time.perf_counter() - t2
     n, _, _, h, w = inputs.shape
-    print(f"model {pred.version}: K={k}, {n} stacks of {h}x{w}, {a.threads} threads")
+    print(f"model {pred.version}: K={k}, {n} stacks of {h}x{w}, {a.threads} threads, test-time flips {a.flips!r}")
     print(f"checkpoint load: {t_load:.2f} s")
     print(f"inference: {t_inf:.2f} s ({1000 * t_inf / n:.1f} ms/stack); target <= 10 s")
     print(f"peak RSS: {_peak_rss_mib():.0f} MiB; target < 2048 MiB")

@@ -14,6 +14,13 @@ from model.checkpoint import load_checkpoint, shipped_checkpoint_path
 from model.device import resolve_device
 from model.preprocessing import Preprocessing
 
+#: Test-time flip sets: (left-right flip, slice-order flip) per pass.
+TEST_TIME_FLIPS: dict[str, tuple[tuple[bool, bool], ...]] = {
+    "none": ((False, False),),
+    "lr": ((False, False), (True, False)),
+    "lr+slices": ((False, False), (True, False), (False, True), (True, True)),
+}
+
 
 @dataclass
 class Predictor:
@@ -53,14 +60,31 @@ class Predictor:
             device=dev,
         )
 
-    def predict(self, inputs: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    def predict(self, inputs: np.ndarray, batch_size: int = 8, flips: str = "none") -> np.ndarray:
         """Probabilities (N, H, W) float32 of the centre slices of ``inputs`` (N, 2, K, H, W).
 
-        ``inputs`` may be a read-only view; it is copied batch by batch.
+        ``inputs`` may be a read-only view; it is copied batch by batch. ``flips``
+        averages test-time flips (see :data:`TEST_TIME_FLIPS`): "none", "lr" (left-right,
+        2 passes) or "lr+slices" (also the slice order reversed, 4 passes); the network
+        was trained with both flips as augmentations.
         """
         k = self.preprocessing.slices
         if inputs.ndim != 5 or inputs.shape[1] != 2 or inputs.shape[2] != k:
             raise ValueError(f"expected inputs (N, 2, {k}, H, W), got {inputs.shape}")
+        if flips not in TEST_TIME_FLIPS:
+            raise ValueError(f"flips must be one of {sorted(TEST_TIME_FLIPS)}, got {flips!r}")
+        total: np.ndarray | None = None
+        for flip_lr, flip_slices in TEST_TIME_FLIPS[flips]:
+            x = inputs[:, :, ::-1] if flip_slices else inputs
+            x = x[..., ::-1] if flip_lr else x
+            prob = self._predict_once(x, batch_size)
+            prob = prob[..., ::-1] if flip_lr else prob
+            total = prob if total is None else total + prob
+        assert total is not None
+        return np.ascontiguousarray(total / len(TEST_TIME_FLIPS[flips]), dtype=np.float32)
+
+    def _predict_once(self, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+        k = self.preprocessing.slices
         n = inputs.shape[0]
         out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
         layout = shared_plane_layout(inputs) if k > 1 and n > 1 else None

@@ -198,3 +198,5 @@ def validate_config(cfg: NodeConfig) -> None:
         raise ConfigError("listener.tls.enabled needs listener.tls.cert and listener.tls.key")
     if cfg.processing.register not in {"auto", "always", "never"}:
         raise ConfigError("processing.register must be auto, always or never")
+    if cfg.processing.test_time_flips not in {"none", "lr", "lr+slices"}:
+        raise ConfigError("processing.test_time_flips must be none, lr or lr+slices")

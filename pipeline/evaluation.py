@@ -86,7 +86,7 @@ def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | N
     settings = settings or ProcessSettings()
 
     stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
-    probs = predictor.predict(stackset.inputs, batch_size=16)
+    probs = predictor.predict(stackset.inputs, batch_size=16, flips=settings.test_time_flips)
     prob_ct = stackset.to_ct_grid(probs)
     labels = postprocess.postprocess(
         prob_ct, case.spacing_zyx, threshold=settings.threshold, min_component_cc=settings.min_component_cc,

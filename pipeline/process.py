@@ -139,7 +139,7 @@ def process_study(
     with timer.stage("stacks"):
         stackset = stacks.build_stacks(ct, pet_on_ct, predictor.preprocessing)
     with timer.stage("inference"):
-        probs = predictor.predict(stackset.inputs)
+        probs = predictor.predict(stackset.inputs, flips=settings.test_time_flips)
         prob_ct = stackset.to_ct_grid(probs)
         del probs, stackset
 

@@ -121,3 +121,22 @@ def test_shared_planes_give_the_same_probabilities(tmp_path):
         np.testing.assert_allclose(fast, plain, atol=1e-5)
     shuffled = np.moveaxis(windows, -1, 2)[[0, 2, 1]]
     assert shared_plane_layout(shuffled) is None
+
+
+def test_test_time_flips_average_the_flipped_passes(tmp_path):
+    _, path = _saved(tmp_path)
+    pred = Predictor.load(path)
+    rng = np.random.default_rng(1)
+    planes = rng.normal(size=(8, 2, 32, 32)).astype(np.float32)
+    inputs = np.moveaxis(np.lib.stride_tricks.sliding_window_view(planes, 3, axis=0), -1, 2)  # (6, 2, 3, 32, 32)
+    plain = pred.predict(inputs)
+    mirrored = pred.predict(np.ascontiguousarray(inputs[..., ::-1]))[..., ::-1]
+    reversed_slices = pred.predict(np.ascontiguousarray(inputs[:, :, ::-1]))
+    both = pred.predict(np.ascontiguousarray(inputs[:, :, ::-1, :, ::-1]))[..., ::-1]
+    np.testing.assert_allclose(pred.predict(inputs, flips="none"), plain, atol=1e-6)
+    np.testing.assert_allclose(pred.predict(inputs, flips="lr"), (plain + mirrored) / 2, atol=1e-5)
+    np.testing.assert_allclose(pred.predict(inputs, flips="lr+slices"),
+                               (plain + mirrored + reversed_slices + both) / 4, atol=1e-5)
+    assert not np.allclose(plain, mirrored, atol=1e-4)  # an untrained net is not symmetric: the flip matters
+    with pytest.raises(ValueError, match="flips must be one of"):
+        pred.predict(inputs, flips="ud")
