@@ -399,7 +399,7 @@ class ThresholdPredictor:
 
         self.preprocessing = Preprocessing()
 
-    def predict(self, inputs):
+    def predict(self, inputs, flips="none"):
         import numpy as np
 
         centre = inputs.shape[2] // 2
