@@ -198,5 +198,7 @@ def validate_config(cfg: NodeConfig) -> None:
         raise ConfigError("listener.tls.enabled needs listener.tls.cert and listener.tls.key")
     if cfg.processing.register not in {"auto", "always", "never"}:
         raise ConfigError("processing.register must be auto, always or never")
+    if cfg.processing.lesion_order not in {"volume", "confidence", "uptake"}:
+        raise ConfigError("processing.lesion_order must be volume, confidence or uptake")
     if cfg.processing.test_time_flips not in {"none", "lr", "lr+slices"}:
         raise ConfigError("processing.test_time_flips must be none, lr or lr+slices")

@@ -81,6 +81,8 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
 
 def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None) -> np.ndarray:
     """Post-processed boolean prediction of one case on the CT grid (the node's post-processing)."""
+    import SimpleITK as sitk
+
     from pipeline import postprocess, stacks
 
     settings = settings or ProcessSettings()
@@ -91,6 +93,7 @@ def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | N
     labels = postprocess.postprocess(
         prob_ct, case.spacing_zyx, threshold=settings.threshold, min_component_cc=settings.min_component_cc,
         keep=settings.keep_components, order_by=settings.lesion_order,
+        suv=sitk.GetArrayViewFromImage(case.pet_on_ct),
     )
     return labels > 0
 

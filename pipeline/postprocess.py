@@ -2,7 +2,7 @@
 
 Steps: threshold, 3D connected components (26-connectivity), removal of
 components smaller than ``min_component_cc``, at most ``keep`` components
-(largest or most confident first), then hole filling per component in 3D and in
+(largest, most confident or most FDG-avid first), then hole filling per component in 3D and in
 every axial slice. Components are numbered 1..n in that order.
 """
 
@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+#: Orders in which components are kept (see :func:`postprocess`).
+ORDERS = ("volume", "confidence", "uptake")
 
 _FULL = ndimage.generate_binary_structure(3, 3)
 _PLANAR = np.zeros((3, 3, 3), dtype=bool)
@@ -25,6 +28,7 @@ def postprocess(
     min_component_cc: float = 0.1,
     keep: int = 5,
     order_by: str = "volume",
+    suv: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labelled lesion mask (uint8 (Z, Y, X); 0 background, 1 the first lesion, ...).
 
@@ -42,11 +46,16 @@ def postprocess(
         At most this many components are kept (first in ``order_by`` order, at most 255);
         0 keeps none.
     order_by:
-        "volume" (largest first) or "confidence" (highest mean probability first; ties by
-        volume). With ``keep=1``, "confidence" keeps the component the network is surest of.
+        "volume" (largest first), "confidence" (highest mean probability first; ties by
+        volume) or "uptake" (highest SUVmax first; ties by mean probability). With
+        ``keep=1``, "confidence" keeps the component the network is surest of.
+    suv:
+        SUV on the CT grid (Z, Y, X); needed for ``order_by="uptake"``.
     """
-    if order_by not in ("volume", "confidence"):
-        raise ValueError(f"order_by must be 'volume' or 'confidence', got {order_by!r}")
+    if order_by not in ORDERS:
+        raise ValueError(f"order_by must be one of {ORDERS}, got {order_by!r}")
+    if order_by == "uptake" and (suv is None or np.shape(suv) != np.shape(prob)):
+        raise ValueError("order_by='uptake' needs the SUV volume on the probability map's grid")
     prob = np.asarray(prob)
     if prob.ndim != 3:
         raise ValueError(f"prob must be (Z, Y, X), got shape {prob.shape}")
@@ -63,11 +72,14 @@ def postprocess(
     labels, n = ndimage.label(fg_box, structure=_FULL)
     del fg_box
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    if order_by == "confidence":
+    if order_by == "volume":
+        ranking = np.argsort(-sizes, kind="stable")
+    else:
         means = np.asarray(ndimage.mean(prob[box], labels, index=np.arange(1, n + 1)), dtype=float)
         ranking = np.lexsort((-sizes, -means))
-    else:
-        ranking = np.argsort(-sizes, kind="stable")
+        if order_by == "uptake":
+            peaks = np.asarray(ndimage.maximum(np.asarray(suv)[box], labels, index=np.arange(1, n + 1)), dtype=float)
+            ranking = np.lexsort((-sizes, -means, -peaks))
     order = [int(i) + 1 for i in ranking if sizes[i] * voxel_cc >= min_component_cc]
     boxes = ndimage.find_objects(labels)
     target = out[box]

@@ -153,6 +153,7 @@ def process_study(
             min_component_cc=settings.min_component_cc,
             keep=settings.keep_components,
             order_by=settings.lesion_order,
+            suv=suv_ct,
         )
         components = postprocess.component_report(
             labels, suv_ct, spacing_zyx, origin=ct.image.GetOrigin(), direction=ct.image.GetDirection()

@@ -25,7 +25,8 @@ class ProcessSettings:
     keep_components:
         At most this many lesions are kept and reported.
     lesion_order:
-        "confidence" (highest mean probability first) or "volume". With the default of one
+        "confidence" (highest mean probability first), "uptake" (highest SUVmax first) or
+        "volume". With the default of one
         kept lesion, "confidence" drops the network's less certain detections, which
         halves the median HD95 on the held-out synthetic set (docs/model_card.md).
     test_time_flips:

@@ -100,3 +100,18 @@ def test_confidence_order_keeps_the_surest_component_first():
     assert both[16, 45, 45] == 1 and both[5, 10, 10] == 2
     with pytest.raises(ValueError, match="order_by"):
         postprocess(prob, SPACING, order_by="size")
+
+
+def test_uptake_order_keeps_the_most_fdg_avid_component_first():
+    prob = blank()
+    prob[2:12, 5:25, 5:25] = 0.7  # the network's less certain component ...
+    prob[14:18, 40:50, 40:50] = 0.95
+    suv = np.zeros_like(prob)
+    suv[6, 15, 15] = 4.0  # ... holds the hottest voxel
+    suv[15, 45, 45] = 1.5
+    by_uptake = postprocess(prob, SPACING, keep=1, order_by="uptake", suv=suv)
+    assert by_uptake[6, 15, 15] == 1 and by_uptake[16, 45, 45] == 0
+    both = postprocess(prob, SPACING, order_by="uptake", suv=suv)
+    assert both[6, 15, 15] == 1 and both[16, 45, 45] == 2
+    with pytest.raises(ValueError, match="SUV volume"):
+        postprocess(prob, SPACING, order_by="uptake")
