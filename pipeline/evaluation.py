@@ -134,6 +134,38 @@ def format_table(summary: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+#: IGTVs below this volume (cc) count as small in the size breakdown.
+SMALL_TARGET_CC = 2.0
+
+
+def size_breakdown(rows: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                   split_cc: float = SMALL_TARGET_CC) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean Dice per method for targets below and at/above ``split_cc``.
+
+    Returns ``{method: {"small": {"cases", "dice_mean"}, "large": {...}}}``; a bin
+    without cases has ``dice_mean`` NaN.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in methods:
+        bins: dict[str, dict[str, float]] = {}
+        for name, keep in (("small", lambda cc: cc < split_cc), ("large", lambda cc: cc >= split_cc)):
+            vals = [r[m]["dice"] for r in rows if m in r and keep(r["truth_cc"])]
+            bins[name] = {"cases": len(vals), "dice_mean": float(np.mean(vals)) if vals else float("nan")}
+        out[m] = bins
+    return out
+
+
+def format_size_table(breakdown: Mapping[str, Mapping[str, Mapping[str, float]]],
+                      split_cc: float = SMALL_TARGET_CC) -> str:
+    """Markdown table of :func:`size_breakdown` (one row per method)."""
+    lines = [f"| method | Dice, IGTV < {split_cc:g} cc (cases) | Dice, IGTV >= {split_cc:g} cc (cases) |",
+             "|---|---|---|"]
+    for name, b in breakdown.items():
+        lines.append(f"| {name} | {b['small']['dice_mean']:.3f} ({b['small']['cases']}) | "
+                     f"{b['large']['dice_mean']:.3f} ({b['large']['cases']}) |")
+    return "\n".join(lines)
+
+
 def run_evaluation(
     data: list[Path],
     checkpoint: Path | None = None,
@@ -195,9 +227,11 @@ def run_evaluation(
         if echo:
             print(f"{case.study_uid}: " + ", ".join(f"{m} Dice {row[m]['dice']:.3f}" for m in methods), flush=True)
     summary = _summary(rows, methods)
-    table = format_table(summary)
+    by_size = size_breakdown(rows, methods)
+    table = format_table(summary) + "\n\n" + format_size_table(by_size)
     versions = {name: p.version for name, p in models.items()}
-    result = {"cases": rows, "summary": summary, "table": table, "versions": versions, "roi_names": list(roi_names)}
+    result = {"cases": rows, "summary": summary, "by_size": by_size, "table": table, "versions": versions,
+              "roi_names": list(roi_names)}
     if echo:
         print(table)
     if out is not None:

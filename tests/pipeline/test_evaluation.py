@@ -1,0 +1,77 @@
+"""Evaluation: metrics per case, the SUV-40 % baseline, summaries, and the whole command on a study."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.evaluation import (
+    case_metrics,
+    format_size_table,
+    format_table,
+    run_evaluation,
+    size_breakdown,
+    suv_threshold_baseline,
+)
+
+SPACING = (2.0, 1.0, 1.0)
+
+
+def _ball(shape, centre, radius):
+    zz, yy, xx = np.indices(shape)
+    return ((zz - centre[0]) * 2) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2
+
+
+def test_case_metrics_of_perfect_and_shifted_predictions():
+    truth = _ball((20, 40, 40), (10, 20, 20), 8)
+    perfect = case_metrics(truth, truth, SPACING)
+    assert perfect == {"dice": 1.0, "hd95_mm": 0.0, "volume_ratio": 1.0}
+    shifted = case_metrics(np.roll(truth, 4, axis=2), truth, SPACING)
+    assert 0.4 < shifted["dice"] < 0.9 and shifted["hd95_mm"] == pytest.approx(4.0, abs=0.5)
+    assert shifted["volume_ratio"] == pytest.approx(1.0)
+
+
+def test_suv40_baseline_contours_the_hot_lesion_inside_the_voi():
+    shape = (20, 60, 60)
+    truth = _ball(shape, (10, 30, 20), 6)
+    suv = np.full(shape, 0.5, dtype=np.float32)
+    suv[_ball(shape, (10, 30, 20), 5)] = 10.0  # hot core, slightly smaller than the truth
+    suv[_ball(shape, (10, 30, 52), 4)] = 30.0  # hotter, but outside the VOI (15 mm margin)
+    seg = suv_threshold_baseline(suv, truth, SPACING)
+    assert seg[10, 30, 20] and not seg[10, 30, 52]
+    assert np.array_equal(seg, _ball(shape, (10, 30, 20), 5))
+    assert not suv_threshold_baseline(suv, np.zeros(shape, bool), SPACING).any()
+
+
+def test_summary_tables_and_size_breakdown():
+    rows = [
+        {"truth_cc": 0.5, "A": {"dice": 0.2, "hd95_mm": 10.0, "volume_ratio": 0.5}},
+        {"truth_cc": 1.9, "A": {"dice": 0.4, "hd95_mm": math.inf, "volume_ratio": 0.0}},
+        {"truth_cc": 2.0, "A": {"dice": 0.8, "hd95_mm": 2.0, "volume_ratio": 1.1}},
+    ]
+    by_size = size_breakdown(rows, ["A"])
+    assert by_size["A"]["small"] == {"cases": 2, "dice_mean": pytest.approx(0.3)}
+    assert by_size["A"]["large"] == {"cases": 1, "dice_mean": pytest.approx(0.8)}
+    assert "| A | 0.300 (2) | 0.800 (1) |" in format_size_table(by_size)
+    empty = size_breakdown(rows[:1], ["A"])
+    assert empty["A"]["large"]["cases"] == 0 and math.isnan(empty["A"]["large"]["dice_mean"])
+    table = format_table({"A": {"cases": 3, "dice_mean": 0.5, "dice_std": 0.1, "hd95_mm_median": 6.0,
+                                "volume_ratio_median": 0.5}})
+    assert "| A | 3 | 0.500 ± 0.100 | 6.0 | 0.50 |" in table
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_labelled_study(small_study, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_evaluation([small_study], out=out, echo=False)
+    (case,) = result["cases"]
+    assert case["truth_cc"] > 0
+    for method in ("SIM-Mamba", "SUV40"):
+        assert 0.0 <= case[method]["dice"] <= 1.0
+        assert result["summary"][method]["cases"] == 1
+        assert result["summary"][method]["dice_mean"] == pytest.approx(case[method]["dice"])
+    saved = json.loads(out.read_text())
+    assert saved["by_size"].keys() == {"SIM-Mamba", "SUV40"} and "IGTV <" in saved["table"]
