@@ -1,7 +1,10 @@
 """One entry point for received instances (DIMSE C-STORE and STOW-RS): check, spool, index.
 
 An instance counts as received only when :meth:`Ingest.store` returns: its
-bytes are on disk (fsynced) and its row is committed in the index.
+bytes are on disk (file and directory fsynced) and its row is committed in the
+index. A new instance's row is committed without an fsync of its own; should a
+power loss take it, :func:`pacs_node.reconcile.reconcile_spool` rebuilds it
+from the durable spool file at the next start.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import sqlite3
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 
@@ -54,6 +59,57 @@ class IngestResult:
     sop_uid: str
     sop_class_uid: str
     duplicate: bool
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the node reads from an instance's header before storing or indexing it."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    series_description: str
+    patient_id: str
+    study_date: str
+    transfer_syntax: str
+    meta_sop_uid: str
+
+    def record(self, path: Path, size: int, source: str) -> InstanceRecord:
+        """The index row of this instance stored at ``path`` (the patient ID only as a hash)."""
+        return InstanceRecord(
+            study_uid=self.study_uid, series_uid=self.series_uid, sop_uid=self.sop_uid,
+            sop_class_uid=self.sop_class_uid, transfer_syntax=self.transfer_syntax, modality=self.modality,
+            series_description=self.series_description, path=str(path), size=int(size), source=source,
+            patient_hash=patient_hash(self.patient_id), study_date=self.study_date,
+        )
+
+
+def read_header(source: BinaryIO | Path) -> InstanceHeader:
+    """Read the header of a DICOM Part-10 instance (file meta and data set, no pixels).
+
+    Raises
+    ------
+    IngestRejected
+        With status 0xC000 when the header cannot be parsed.
+    """
+    try:
+        ds = dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        tags = {t: str(ds.get(t, "") or "") for t in _HEADER_TAGS}
+        return InstanceHeader(
+            sop_class_uid=tags["SOPClassUID"], sop_uid=tags["SOPInstanceUID"], study_uid=tags["StudyInstanceUID"],
+            series_uid=tags["SeriesInstanceUID"], modality=tags["Modality"],
+            series_description=tags["SeriesDescription"], patient_id=tags["PatientID"], study_date=tags["StudyDate"],
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            meta_sop_uid=str(ds.file_meta.get("MediaStorageSOPInstanceUID", "")),
+        )
+    except RecursionError:  # e.g. sequences nested hundreds deep
+        raise IngestRejected("cannot parse the DICOM header: sequences nested too deeply",
+                             STATUS_CANNOT_UNDERSTAND) from None
+    except Exception as exc:  # any parse failure is the sender's data, never a transient 0xA7xx
+        raise IngestRejected(f"cannot parse the DICOM header: {type(exc).__name__}: {exc}"[:300],
+                             STATUS_CANNOT_UNDERSTAND) from None
 
 
 def patient_hash(patient_id: str) -> str:
@@ -119,26 +175,16 @@ class Ingest:
                 f"instance of {len(part10)} bytes exceeds the {self.max_instance_bytes}-byte limit",
                 STATUS_OUT_OF_RESOURCES,
             )
-        try:
-            ds = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            header = {t: str(ds.get(t, "") or "") for t in _HEADER_TAGS}
-            tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-            meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
-        except RecursionError:  # e.g. sequences nested hundreds deep
-            raise IngestRejected("cannot parse the DICOM header: sequences nested too deeply",
-                                 STATUS_CANNOT_UNDERSTAND) from None
-        except Exception as exc:  # any parse failure is the sender's data, never a transient 0xA7xx
-            raise IngestRejected(f"cannot parse the DICOM header: {type(exc).__name__}: {exc}"[:300],
-                                 STATUS_CANNOT_UNDERSTAND) from None
-        study, series, sop = header["StudyInstanceUID"], header["SeriesInstanceUID"], header["SOPInstanceUID"]
-        if self.sop_classes is not None and header["SOPClassUID"] not in self.sop_classes:
+        header = read_header(io.BytesIO(part10))
+        study, series, sop = header.study_uid, header.series_uid, header.sop_uid
+        if self.sop_classes is not None and header.sop_class_uid not in self.sop_classes:
             raise IngestRejected(
-                f"SOP class {header['SOPClassUID'] or '(none)'} is not accepted by this node (CT, PET, SEG, RTSTRUCT)",
+                f"SOP class {header.sop_class_uid or '(none)'} is not accepted by this node (CT, PET, SEG, RTSTRUCT)",
                 STATUS_SOP_CLASS_NOT_SUPPORTED,
             )
-        if meta_sop and sop and meta_sop != sop:
+        if header.meta_sop_uid and sop and header.meta_sop_uid != sop:
             raise IngestRejected(
-                f"SOPInstanceUID {sop!r} differs from the file meta's {meta_sop!r}", STATUS_DATASET_MISMATCH
+                f"SOPInstanceUID {sop!r} differs from the file meta's {header.meta_sop_uid!r}", STATUS_DATASET_MISMATCH
             )
         if expected_study is not None and study != expected_study:
             raise IngestRejected(
@@ -161,17 +207,9 @@ class Ingest:
             log.error("cannot write instance %s: %s", sop, exc)
             raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
         try:
-            self.index.record_instance(
-                InstanceRecord(
-                    study_uid=study, series_uid=series, sop_uid=sop, sop_class_uid=header["SOPClassUID"],
-                    transfer_syntax=tsyntax, modality=header["Modality"],
-                    series_description=header["SeriesDescription"], path=str(stored.path), size=stored.size,
-                    source=source, patient_hash=patient_hash(header["PatientID"]), study_date=header["StudyDate"],
-                ),
-                changed=stored.changed,
-            )
+            self.index.record_instance(header.record(stored.path, stored.size, source), changed=stored.changed)
         except sqlite3.Error as exc:
             log.error("cannot index instance %s: %s", sop, exc)
             raise IngestRejected(f"cannot record the instance in the index: {exc}", STATUS_OUT_OF_RESOURCES) from None
-        log.debug("stored %s (%s) from %s", sop, header["Modality"], source)
-        return IngestResult(study, series, sop, header["SOPClassUID"], stored.duplicate), header["Modality"], stored.size
+        log.debug("stored %s (%s) from %s", sop, header.modality, source)
+        return IngestResult(study, series, sop, header.sop_class_uid, stored.duplicate), header.modality, stored.size

@@ -20,6 +20,7 @@ from pacs_node.jobs import JobQueue
 from pacs_node.listener import STORAGE_SOP_CLASSES, Listener
 from pacs_node.metrics import NodeMetrics
 from pacs_node.observability import NodeObserver
+from pacs_node.reconcile import reconcile_spool
 from pacs_node.spool import Spool
 from pacs_node.stow import StowService
 from pacs_node.worker import WorkerPool
@@ -44,6 +45,7 @@ class NodeServer:
         self.events = NodeEvents()
         self.spool = Spool(data, cfg.spool.min_free_mb)
         self.index = Index(data / "index.sqlite")
+        reconcile_spool(self.spool, self.index)  # rows a crash took, before anything listens
         # metrics and audit trail: subscribers of the event bus
         self.metrics = NodeMetrics()
         self.audit = AuditLog(data / "audit.jsonl")

@@ -17,12 +17,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import IgtvError
-from pipeline.uids import validate_uid
+from pipeline.uids import is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,19 @@ class Spool:
         d = self.study_dir(study_uid)
         return sorted(d.rglob("*.dcm")) if d.is_dir() else []
 
+    def instance_files(self) -> Iterator[tuple[str, str, Path]]:
+        """Every ``(study UID, series UID, path)`` of an instance file in the spool.
+
+        Only ``<study>/<series>/<sop>.dcm`` entries whose folder names are valid
+        UIDs are listed; partial writes in ``.tmp`` are not.
+        """
+        for study in _subdirs(self.root):
+            for series in _subdirs(study):
+                with os.scandir(series) as entries:
+                    for entry in entries:
+                        if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
+                            yield study.name, series.name, Path(entry.path)
+
     def free_mb(self) -> float:
         """Free megabytes on the spool's file system."""
         return self._free_mb(self.root)
@@ -196,6 +209,13 @@ class Spool:
         moved = _merge_move(src, self.study_dir(study_uid), skip={"REASON.txt"})
         fsync_dir(self.root)
         return moved
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` named like UIDs, sorted (``.tmp`` and strays are skipped)."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    return [folder / n for n in names if is_valid_uid(n)]
 
 
 def _merge_move(src: Path, dst: Path, skip: set[str] | None = None) -> int:
