@@ -1,10 +1,15 @@
 """One entry point for received instances (DIMSE C-STORE and STOW-RS): check, spool, index.
 
-An instance counts as received only when :meth:`Ingest.store` returns: its
-bytes are on disk (file and directory fsynced) and its row is committed in the
-index. A new instance's row is committed without an fsync of its own; should a
-power loss take it, :func:`pacs_node.reconcile.reconcile_spool` rebuilds it
-from the durable spool file at the next start.
+An instance counts as received only when :meth:`Ingest.store` returns, and then
+its bytes are durable: with an ack journal (the node's default) the instance is
+appended to it and flushed (one ``fdatasync``), and a background thread writes the
+spool file and the index row moments later (:meth:`Ingest.flush` waits for that;
+the listener does before it answers an association release, STOW before it
+answers); without one, the spool file and its folder are fsynced and the row is
+committed before :meth:`Ingest.store` returns. After a crash the journal is
+replayed at startup (:meth:`Ingest.replay_journal`); a new instance's index row is
+committed without an fsync of its own, and should a power loss take it,
+:func:`pacs_node.reconcile.reconcile_spool` rebuilds it from the spool file.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import io
 import logging
 import sqlite3
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +28,9 @@ from pydicom import dcmread
 
 from pacs_node.events import NodeEvents
 from pacs_node.index import Index, InstanceRecord
-from pacs_node.spool import Spool, SpoolError, SpoolFullError
+from pacs_node.journal import AckJournal, JournalError
+from pacs_node.materialiser import Materialiser, Pending
+from pacs_node.spool import Spool, SpoolError, SpoolFullError, StoredInstance
 from pipeline.errors import IgtvError, InvalidUidError
 
 log = logging.getLogger(__name__)
@@ -132,17 +139,67 @@ class Ingest:
         New instances beyond this count in one study are refused with 0xA700.
     sop_classes:
         When given, other SOP classes are refused with 0x0122 (as DIMSE does at association).
+    journal:
+        When given, an instance is acknowledged once it is durable in this ack journal
+        (one flush); the spool file and the index row follow in a background thread
+        (:meth:`start`, :meth:`flush`, :meth:`stop`; :meth:`replay_journal` at startup).
+        Without it, each instance is written to the spool and indexed before
+        :meth:`store` returns.
     """
 
     def __init__(self, spool: Spool, index: Index, max_instance_bytes: int, max_instances_per_study: int,
-                 events: NodeEvents | None = None, sop_classes: Collection[str] | None = None) -> None:
+                 events: NodeEvents | None = None, sop_classes: Collection[str] | None = None,
+                 journal: AckJournal | None = None) -> None:
         self.events = events or NodeEvents()
         self.spool = spool
         self.index = index
         self.max_instance_bytes = int(max_instance_bytes)
         self.max_instances_per_study = int(max_instances_per_study)
         self.sop_classes = frozenset(str(c) for c in sop_classes) if sop_classes else None
+        self.journal = journal
+        self.materialiser = Materialiser(journal, self._apply) if journal is not None else None
 
+    # -- lifecycle (journal only) ----------------------------------------------------------
+    def replay_journal(self) -> int:
+        """Write what the ack journal holds from before a crash into the spool and index, then free it.
+
+        Call before :meth:`start` and before anything listens; returns the number of records
+        replayed (already materialised ones are found identical and left alone).
+        """
+        if self.journal is None:
+            return 0
+        records = self.journal.records()
+        for rec in records:
+            try:
+                header = read_header(io.BytesIO(rec.payload))
+            except IngestRejected as exc:  # it was parsed before it was journaled: a damaged record
+                log.error("journal record %d cannot be read (%s); not replayed", rec.seq, exc)
+                continue
+            self._apply([_Received(rec.payload, header, rec.source)])
+        self.journal.reset()
+        if records:
+            log.info("replayed %d journaled instance(s) into the spool", len(records))
+        return len(records)
+
+    def start(self) -> None:
+        """Start writing journaled instances to the spool (no-op without a journal)."""
+        if self.materialiser is not None:
+            self.materialiser.start()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every instance acknowledged so far is in the spool and the index."""
+        return self.materialiser.wait(timeout) if self.materialiser is not None else True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write what is pending and stop; the journal keeps anything left for the next start."""
+        if self.materialiser is not None:
+            if not self.materialiser.stop(timeout):
+                log.warning("%d journaled instance(s) not yet in the spool; replayed at the next start",
+                            self.materialiser.backlog)
+            assert self.journal is not None
+            self.journal.close()
+
+    # -- storing ----------------------------------------------------------------------------
     def store(self, part10: bytes, source: str, expected_study: str | None = None) -> IngestResult:
         """Store one instance (see :meth:`_store`), telling ``events`` what happened."""
         start = time.perf_counter()
@@ -154,8 +211,6 @@ class Ingest:
         self.events.emit("instance_stored", study_uid=res.study_uid, series_uid=res.series_uid, sop_uid=res.sop_uid,
                          modality=modality, size=size, source=source, duplicate=res.duplicate,
                          seconds=time.perf_counter() - start)
-        if not res.duplicate and self.index.study_instance_count(res.study_uid) == 1:
-            self.events.emit("study_received", study_uid=res.study_uid, source=source)
         return res
 
     def _store(self, part10: bytes, source: str, expected_study: str | None) -> tuple[IngestResult, str, int]:
@@ -170,13 +225,39 @@ class Ingest:
         expected_study:
             When set, the instance must belong to this study (STOW ``/studies/{uid}``).
         """
+        header = self._check(part10, expected_study)
+        journal = self.journal
+        if journal is not None and len(part10) + len(source) <= journal.max_payload:
+            return self._journal(part10, header, source), header.modality, len(part10)
+        if journal is not None:  # too large for a segment: keep the order, then write it directly
+            self.flush()
+        try:
+            stored = self.spool.store(part10, header.study_uid, header.series_uid, header.sop_uid)
+        except InvalidUidError as exc:
+            raise IngestRejected(str(exc), STATUS_DATASET_MISMATCH) from None
+        except SpoolFullError as exc:
+            log.warning("refusing instance: %s", exc)
+            raise IngestRejected(str(exc), STATUS_OUT_OF_RESOURCES) from None
+        except (SpoolError, OSError) as exc:
+            log.error("cannot write instance %s: %s", header.sop_uid, exc)
+            raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
+        try:
+            self._record(header, stored, source)
+        except sqlite3.Error as exc:
+            log.error("cannot index instance %s: %s", header.sop_uid, exc)
+            raise IngestRejected(f"cannot record the instance in the index: {exc}", STATUS_OUT_OF_RESOURCES) from None
+        log.debug("stored %s (%s) from %s", header.sop_uid, header.modality, source)
+        return self._result(header, stored.duplicate), header.modality, stored.size
+
+    def _check(self, part10: bytes, expected_study: str | None) -> InstanceHeader:
+        """Parse and check an instance before anything is written; raise :class:`IngestRejected`."""
         if len(part10) > self.max_instance_bytes:
             raise IngestRejected(
                 f"instance of {len(part10)} bytes exceeds the {self.max_instance_bytes}-byte limit",
                 STATUS_OUT_OF_RESOURCES,
             )
         header = read_header(io.BytesIO(part10))
-        study, series, sop = header.study_uid, header.series_uid, header.sop_uid
+        study, sop = header.study_uid, header.sop_uid
         if self.sop_classes is not None and header.sop_class_uid not in self.sop_classes:
             raise IngestRejected(
                 f"SOP class {header.sop_class_uid or '(none)'} is not accepted by this node (CT, PET, SEG, RTSTRUCT)",
@@ -196,20 +277,51 @@ class Ingest:
                 f"study {study} already holds {count} instances (limit {self.max_instances_per_study})",
                 STATUS_OUT_OF_RESOURCES,
             )
+        return header
+
+    def _journal(self, part10: bytes, header: InstanceHeader, source: str) -> IngestResult:
+        """Acknowledge through the ack journal: checks, one durable append, then hand it to the materialiser."""
+        assert self.journal is not None and self.materialiser is not None
         try:
-            stored = self.spool.store(part10, study, series, sop)
+            self.spool.instance_path(header.study_uid, header.series_uid, header.sop_uid)  # UIDs fit for paths
+            self.spool.check_space(len(part10))
+            entry = self.journal.append(part10, source)
         except InvalidUidError as exc:
             raise IngestRejected(str(exc), STATUS_DATASET_MISMATCH) from None
         except SpoolFullError as exc:
             log.warning("refusing instance: %s", exc)
             raise IngestRejected(str(exc), STATUS_OUT_OF_RESOURCES) from None
-        except (SpoolError, OSError) as exc:
-            log.error("cannot write instance %s: %s", sop, exc)
+        except (JournalError, OSError) as exc:
+            log.error("cannot journal instance %s: %s", header.sop_uid, exc)
             raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
-        try:
-            self.index.record_instance(header.record(stored.path, stored.size, source), changed=stored.changed)
-        except sqlite3.Error as exc:
-            log.error("cannot index instance %s: %s", sop, exc)
-            raise IngestRejected(f"cannot record the instance in the index: {exc}", STATUS_OUT_OF_RESOURCES) from None
-        log.debug("stored %s (%s) from %s", sop, header.modality, source)
-        return IngestResult(study, series, sop, header.sop_class_uid, stored.duplicate), header.modality, stored.size
+        duplicate = self.index.instance(header.sop_uid) is not None  # as far as the index knows yet
+        self.materialiser.submit(Pending(entry, _Received(part10, header, source), len(part10)))
+        log.debug("journaled %s (%s) from %s", header.sop_uid, header.modality, source)
+        return self._result(header, duplicate)
+
+    def _apply(self, items: Sequence[_Received]) -> None:
+        """Write journaled instances to the spool, make them durable, then index them (idempotent)."""
+        stored = [self.spool.store(r.part10, r.header.study_uid, r.header.series_uid, r.header.sop_uid,
+                                   durable=False) for r in items]
+        self.spool.sync(stored)
+        for received, inst in zip(items, stored, strict=True):
+            self._record(received.header, inst, received.source)
+
+    def _record(self, header: InstanceHeader, stored: StoredInstance, source: str) -> None:
+        """Index a spooled instance; the first instance of a study emits ``study_received``."""
+        new = self.index.record_instance(header.record(stored.path, stored.size, source), changed=stored.changed)
+        if new and self.index.study_instance_count(header.study_uid) == 1:
+            self.events.emit("study_received", study_uid=header.study_uid, source=source)
+
+    @staticmethod
+    def _result(header: InstanceHeader, duplicate: bool) -> IngestResult:
+        return IngestResult(header.study_uid, header.series_uid, header.sop_uid, header.sop_class_uid, duplicate)
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A checked instance on its way from the journal to the spool."""
+
+    part10: bytes
+    header: InstanceHeader
+    source: str

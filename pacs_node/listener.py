@@ -1,4 +1,9 @@
-"""DIMSE listener: Verification and Storage SCP that acknowledges only what is on disk."""
+"""DIMSE listener: Verification and Storage SCP that acknowledges only what is on disk.
+
+A release request is answered once every acknowledged instance is in the spool and
+the index (:meth:`~pacs_node.ingest.Ingest.flush`), so a sender that sees its
+association end finds its study there.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -79,6 +85,7 @@ class Listener:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
             *(extra_handlers or []),
@@ -120,6 +127,13 @@ class Listener:
             log.exception("C-STORE from %s failed", calling)
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
+
+    def _on_acse_recv(self, event: Any) -> None:
+        """Before a release is answered, what the node acknowledged is in the spool and the index."""
+        primitive = event.primitive
+        if isinstance(primitive, A_RELEASE) and primitive.result is None and not self.ingest.flush():
+            log.warning("association released before every acknowledged instance reached the spool "
+                        "(they are safe in the ack journal)")
 
     def _peer(self, event: Any) -> dict[str, str]:
         rq = event.assoc.requestor

@@ -17,6 +17,7 @@ from pacs_node.http import HttpServer, Response, Router
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
 from pacs_node.jobs import JobQueue
+from pacs_node.journal import AckJournal
 from pacs_node.listener import STORAGE_SOP_CLASSES, Listener
 from pacs_node.metrics import NodeMetrics
 from pacs_node.observability import NodeObserver
@@ -45,7 +46,6 @@ class NodeServer:
         self.events = NodeEvents()
         self.spool = Spool(data, cfg.spool.min_free_mb)
         self.index = Index(data / "index.sqlite")
-        reconcile_spool(self.spool, self.index)  # rows a crash took, before anything listens
         # metrics and audit trail: subscribers of the event bus
         self.metrics = NodeMetrics()
         self.audit = AuditLog(data / "audit.jsonl")
@@ -57,7 +57,12 @@ class NodeServer:
             max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
             max_instances_per_study=cfg.listener.max_instances_per_study, events=self.events,
             sop_classes=[str(c) for c in STORAGE_SOP_CLASSES],
+            journal=AckJournal(data / "journal", segment_bytes=cfg.spool.journal_segment_mb << 20)
+            if cfg.spool.journal else None,
         )
+        # before anything listens: what a crash left in the journal, then rows a power loss took
+        self.ingest.replay_journal()
+        reconcile_spool(self.spool, self.index)
         self.listener = Listener(cfg.listener, self.ingest)
         self.router = Router()
         StowService(self.ingest).register(self.router)
@@ -100,6 +105,7 @@ class NodeServer:
 
     def start(self) -> None:
         """Start workers, exporter, completion scanner, then the listeners."""
+        self.ingest.start()
         self.workers.start()
         self.exporter.start()
         self.completion.start()
@@ -114,7 +120,7 @@ class NodeServer:
         if not self._started:
             return
         self._started = False
-        for part in (self.listener, self.http, self.completion, self.workers, self.exporter):
+        for part in (self.listener, self.http, self.ingest, self.completion, self.workers, self.exporter):
             try:
                 part.stop()
             except Exception:
