@@ -157,7 +157,7 @@ class Ingest:
         self.max_instances_per_study = int(max_instances_per_study)
         self.sop_classes = frozenset(str(c) for c in sop_classes) if sop_classes else None
         self.journal = journal
-        self.materialiser = Materialiser(journal, self._apply) if journal is not None else None
+        self.materialiser = Materialiser(journal, self._apply, self.spool.sync) if journal is not None else None
 
     # -- lifecycle (journal only) ----------------------------------------------------------
     def replay_journal(self) -> int:
@@ -175,7 +175,7 @@ class Ingest:
             except IngestRejected as exc:  # it was parsed before it was journaled: a damaged record
                 log.error("journal record %d cannot be read (%s); not replayed", rec.seq, exc)
                 continue
-            self._apply([_Received(rec.payload, header, rec.source)])
+            self.spool.sync(self._apply([_Received(rec.payload, header, rec.source)]))
         self.journal.reset()
         if records:
             log.info("replayed %d journaled instance(s) into the spool", len(records))
@@ -299,13 +299,16 @@ class Ingest:
         log.debug("journaled %s (%s) from %s", header.sop_uid, header.modality, source)
         return self._result(header, duplicate)
 
-    def _apply(self, items: Sequence[_Received]) -> None:
-        """Write journaled instances to the spool, make them durable, then index them (idempotent)."""
+    def _apply(self, items: Sequence[_Received]) -> list[StoredInstance]:
+        """Write journaled instances to the spool (not flushed: see :meth:`Spool.sync`) and index them.
+
+        Idempotent: an instance already spooled with the same bytes is left alone.
+        """
         stored = [self.spool.store(r.part10, r.header.study_uid, r.header.series_uid, r.header.sop_uid,
                                    durable=False) for r in items]
-        self.spool.sync(stored)
         for received, inst in zip(items, stored, strict=True):
             self._record(received.header, inst, received.source)
+        return stored
 
     def _record(self, header: InstanceHeader, stored: StoredInstance, source: str) -> None:
         """Index a spooled instance; the first instance of a study emits ``study_received``."""

@@ -2,13 +2,15 @@
 
 Writing an instance durably into the spool takes two flushes on the acknowledgement
 path (the file, then its directory after the rename), each a file-system journal
-commit. The ack journal takes one data flush: instances are appended to a segment
-file that was zero-filled and fsynced when it was created, so an append overwrites
-allocated blocks and ``fdatasync`` writes data only, with no metadata to commit. The
-spool file and the index row are written afterwards, off the acknowledgement path
-(:class:`~pacs_node.materialiser.Materialiser`); a segment is reused once every record
-in it is durable in the spool. At startup :meth:`AckJournal.records` returns what a
-crash left, in acknowledgement order, for replay.
+commit. The ack journal takes one: instances are appended to a segment file that was
+preallocated (and its name made durable) when it was created, and ``fdatasync`` makes
+the append durable. Segments are reused, and an append into a reused segment
+overwrites written blocks, so its flush carries data only, no metadata. Concurrent
+appends share flushes. The spool file and the index row are written afterwards, off
+the acknowledgement path (:class:`~pacs_node.materialiser.Materialiser`); a segment is
+reused once every record in it is durable in the spool. At startup
+:meth:`AckJournal.records` returns what a crash left, in acknowledgement order, for
+replay.
 
 Layout under ``folder``: ``000001.seg``, ... fixed-size segments, each a 4 kB header
 block and then records back to back. Segment header (little-endian): magic
@@ -16,7 +18,7 @@ block and then records back to back. Segment header (little-endian): magic
 segment's epoch, sequence number (u64), metadata length (u16), 0 (u16), payload
 length (u32), CRC-32 (u32) of the metadata and payload followed by the fields before
 it; then the metadata (the source, UTF-8) and the payload. A record counts only when its epoch is
-the segment's and its CRC matches, so zeros, a torn write, and the records of an
+the segment's and its CRC matches, so zeros (never written), a torn write, and the records of an
 earlier use of the segment (a new random epoch is written when a segment is freed)
 all end the scan.
 """
@@ -40,7 +42,6 @@ _SEG = struct.Struct("<8sQI")  # magic, epoch, crc
 _SEG_MAGIC = b"IGTVJRN1"
 _REC = struct.Struct("<4sQQHHII")  # magic, epoch, seq, meta length, 0, payload length, crc
 _REC_MAGIC = b"REC1"
-_ZEROS = bytes(1 << 20)
 
 
 class JournalError(IgtvError):
@@ -97,7 +98,7 @@ class AckJournal:
     folder:
         Created if missing; on the same file system as the spool is best (one disk to flush).
     segment_bytes:
-        Size of each segment file (zero-filled once when created).
+        Size of each segment file (preallocated once when created).
     max_segments:
         Segments kept at most; an append waits up to ``wait_s`` for one to be freed.
     """
@@ -313,12 +314,11 @@ class AckJournal:
         return seg
 
     def _create(self, number: int) -> Segment:
-        """A new zero-filled, fsynced segment file ``<number>.seg`` with a fresh epoch."""
+        """A new preallocated segment file ``<number>.seg`` with a fresh epoch, durable with its name."""
         path = self.folder / f"{number:06d}.seg"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            for offset in range(0, self.segment_bytes, len(_ZEROS)):
-                _pwrite_all(fd, [_ZEROS[: self.segment_bytes - offset]], offset)
+            os.posix_fallocate(fd, 0, self.segment_bytes)  # reads as zeros; the C library writes them if need be
             seg = Segment(path, fd, 0)
             self._invalidate(seg, sync=False)
             os.fsync(fd)

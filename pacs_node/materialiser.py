@@ -1,12 +1,22 @@
 """Background thread that turns journaled instances into spool files and index rows.
 
 The acknowledgement path appends an instance to the :class:`~pacs_node.journal.AckJournal`
-(durable) and submits it here. This thread takes what was submitted in batches, in
-order, and hands each batch to ``apply`` (write the spool files, make them durable,
-record the index rows); then the journal records are done and their segments can be
-reused. A batch whose ``apply`` fails is retried after ``retry_s`` (``apply`` must be
-idempotent): an acknowledged instance is never dropped, and whatever has not been
-applied when the node dies is replayed from the journal at the next start.
+(durable) and submits it here. This thread works in two steps:
+
+1. **apply**, in submission order and in batches: ``apply(items)`` writes the spool
+   files (without flushing) and records the index rows, so the instances are visible
+   to the rest of the node; it returns one token per item.
+2. **sync**: ``sync(tokens)`` makes applied instances durable in the spool (one
+   ``fsync`` per file and folder); then their journal records are done and the
+   journal's segments can be reused.
+
+Syncing is deferred while instances keep arriving (until ``sync_idle_s`` without a
+new one, or ``sync_bytes`` applied but not synced): every flush costs the same on
+a virtual disk, and during a burst the acknowledgements' own journal flushes should
+not queue behind the spool's. The journal keeps every record until it is synced,
+so a crash at any point loses nothing; whatever was not synced is replayed at the
+next start. A step that fails is retried after ``retry_s`` (both must be idempotent):
+an acknowledged instance is never dropped.
 """
 
 from __future__ import annotations
@@ -34,31 +44,43 @@ class Pending:
 
 
 class Materialiser:
-    """Applies submitted instances in order in one background thread.
+    """Applies submitted instances in order in one background thread, then syncs them.
 
     Parameters
     ----------
     journal:
-        Told when each record is applied; its spent segments are freed from this thread.
+        Told when each record is durable in the spool; its spent segments are freed from this thread.
     apply:
-        ``apply(items)`` for a batch of :attr:`Pending.item`; raises to have the batch retried.
+        ``apply(items) -> tokens`` for a batch of :attr:`Pending.item`; raises to have the batch retried.
+    sync:
+        ``sync(tokens)`` makes applied items durable; raises to have it retried.
     max_batch, max_batch_bytes:
         Largest batch handed to ``apply`` at once.
+    sync_idle_s, sync_bytes:
+        Sync once no instance arrived for this long, or once this much is applied but not synced.
     """
 
-    def __init__(self, journal: AckJournal, apply: Callable[[Sequence[Any]], None], max_batch: int = 64,
-                 max_batch_bytes: int = 64 << 20, retry_s: float = 1.0) -> None:
+    def __init__(self, journal: AckJournal, apply: Callable[[Sequence[Any]], Sequence[Any]],
+                 sync: Callable[[Sequence[Any]], None], max_batch: int = 64, max_batch_bytes: int = 64 << 20,
+                 sync_idle_s: float = 0.1, sync_bytes: int = 64 << 20, retry_s: float = 1.0) -> None:
         self.journal = journal
         self.apply = apply
+        self.sync = sync
         self.max_batch = int(max_batch)
         self.max_batch_bytes = int(max_batch_bytes)
+        self.sync_idle_s = float(sync_idle_s)
+        self.sync_bytes = int(sync_bytes)
         self.retry_s = float(retry_s)
         self._queue: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._submitted = 0
         self._applied = 0
+        self._last_submit = 0.0
+        self._unsynced: list[tuple[JournalEntry, Any]] = []  # applied; the payloads are let go
+        self._unsynced_bytes = 0
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._failures = 0
 
     def start(self) -> None:
         """Start the background thread."""
@@ -72,10 +94,11 @@ class Materialiser:
         with self._cond:
             self._queue.append(pending)
             self._submitted += 1
+            self._last_submit = time.monotonic()
             self._cond.notify_all()
 
     def wait(self, timeout: float = 60.0) -> bool:
-        """Wait until everything submitted before this call is applied; False on timeout."""
+        """Wait until everything submitted before this call is applied (in the spool and index)."""
         with self._cond:
             target = self._submitted
             return self._cond.wait_for(lambda: self._applied >= target, timeout=timeout)
@@ -87,25 +110,34 @@ class Materialiser:
             return self._submitted - self._applied
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Apply what is queued (up to ``timeout``), then end the thread; True when nothing is left."""
+        """Apply and sync what is queued (up to ``timeout``), then end the thread; True when nothing is left."""
+        deadline = time.monotonic() + timeout
         drained = self.wait(timeout) if self._thread is not None else self.backlog == 0
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
             self._thread = None
-        return drained
+        return drained and not self._unsynced
 
-    def _take(self) -> list[Pending] | None:
-        """The next batch (oldest first, not removed from the queue), or None when stopping."""
+    # -- the thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._take()
+            if batch:
+                self._apply(batch)
+            if self._unsynced and (stopping or self._sync_due()):
+                self._sync()
+            self._maintain()  # free spent segments, keep a spare ready (cheap when there is nothing to do)
+            if stopping and not batch and not self._unsynced:
+                return
+
+    def _take(self) -> tuple[list[Pending], bool]:
+        """The next batch (oldest first, still queued) and whether the thread is stopping."""
         with self._cond:
-            while not self._queue and not self._stop:
-                self._cond.wait(0.5)
-                if not self._queue:
-                    return []  # idle: let the caller maintain the journal
-            if self._stop and not self._queue:
-                return None
+            if not self._queue and not self._stop:
+                self._cond.wait(self.sync_idle_s if self._unsynced else 0.5)
             batch: list[Pending] = []
             size = 0
             for pending in self._queue:
@@ -113,35 +145,55 @@ class Materialiser:
                     break
                 batch.append(pending)
                 size += pending.size
-            return batch
+            return batch, self._stop
 
-    def _run(self) -> None:
-        failures = 0
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if batch:
-                try:
-                    self.apply([p.item for p in batch])
-                except Exception as exc:  # the instances are safe in the journal: retry, never drop
-                    failures += 1
-                    if failures == 1 or failures % 60 == 0:
-                        log.error("cannot write %d journaled instance(s) to the spool (attempt %d), retrying: %s",
-                                  len(batch), failures, exc)
-                    time.sleep(self.retry_s)
-                    continue
-                if failures:
-                    log.info("journaled instances written to the spool again after %d failed attempt(s)", failures)
-                failures = 0
-                for pending in batch:
-                    self.journal.done(pending.entry)
-                with self._cond:
-                    for _ in batch:
-                        self._queue.popleft()
-                    self._applied += len(batch)
-                    self._cond.notify_all()
-            try:
-                self.journal.maintain()
-            except OSError as exc:
-                log.error("ack journal maintenance failed: %s", exc)
+    def _sync_due(self) -> bool:
+        with self._cond:
+            idle = not self._queue and time.monotonic() - self._last_submit >= self.sync_idle_s
+        return idle or self._unsynced_bytes >= self.sync_bytes
+
+    def _apply(self, batch: list[Pending]) -> None:
+        try:
+            tokens = list(self.apply([p.item for p in batch]))
+            if len(tokens) != len(batch):
+                raise ValueError(f"apply returned {len(tokens)} tokens for {len(batch)} items")
+        except Exception as exc:  # the instances are safe in the journal: retry, never drop
+            self._failed(f"write {len(batch)} journaled instance(s) to the spool", exc)
+            return
+        self._recovered()
+        self._unsynced.extend((p.entry, token) for p, token in zip(batch, tokens, strict=True))
+        self._unsynced_bytes += sum(p.size for p in batch)
+        with self._cond:
+            for _ in batch:
+                self._queue.popleft()
+            self._applied += len(batch)
+            self._cond.notify_all()
+
+    def _sync(self) -> None:
+        try:
+            self.sync([token for _, token in self._unsynced])
+        except Exception as exc:
+            self._failed(f"make {len(self._unsynced)} spooled instance(s) durable", exc)
+            return
+        self._recovered()
+        for entry, _ in self._unsynced:
+            self.journal.done(entry)
+        self._unsynced.clear()
+        self._unsynced_bytes = 0
+
+    def _maintain(self) -> None:
+        try:
+            self.journal.maintain()
+        except OSError as exc:
+            log.error("ack journal maintenance failed: %s", exc)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._failures += 1
+        if self._failures == 1 or self._failures % 60 == 0:
+            log.error("cannot %s (attempt %d), retrying: %s", what, self._failures, exc)
+        time.sleep(self.retry_s)
+
+    def _recovered(self) -> None:
+        if self._failures:
+            log.info("spool writes succeed again after %d failed attempt(s)", self._failures)
+        self._failures = 0

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,14 +183,13 @@ class Spool:
             _sync_dirs([stored])
         return stored
 
-    def sync(self, stored: list[StoredInstance]) -> None:
+    def sync(self, stored: Sequence[StoredInstance]) -> None:
         """Make instances written with ``durable=False`` durable: ``fsync`` each file, then the folders.
 
+        Unchanged ones too (an identical copy found by a replay may be in memory only).
         A file moved away meanwhile (quarantine) is skipped.
         """
         for inst in stored:
-            if not inst.changed:
-                continue
             try:
                 fd = os.open(inst.path, os.O_RDONLY)
             except FileNotFoundError:
@@ -199,7 +198,7 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _sync_dirs([s for s in stored if s.changed])
+        _sync_dirs(stored)
 
     # -- quarantine -------------------------------------------------------------
     def quarantine(self, study_uid: str, reason: str) -> Path:
@@ -236,7 +235,7 @@ class Spool:
         return moved
 
 
-def _sync_dirs(stored: list[StoredInstance]) -> None:
+def _sync_dirs(stored: Sequence[StoredInstance]) -> None:
     """``fsync`` each instance's folder and the parents of folders the writes created, once each."""
     folders = dict.fromkeys([s.path.parent for s in stored] + [d.parent for s in stored for d in s.new_dirs])
     for folder in folders:

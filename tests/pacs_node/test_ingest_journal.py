@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from nodetest_helpers import make_study, storescu
+from nodetest_helpers import make_study, storescu, wait_for
 from pydicom import dcmread
 
 from pacs_node.config import ListenerConfig
@@ -51,7 +51,8 @@ def test_acknowledged_instances_reach_spool_and_index(tmp_path, journaled):
     for f in study.files:
         assert stored[_sop(f)].read_bytes() == f.read_bytes()
         assert index.instance(_sop(f))["source"] == "dimse:CT1"
-    assert ingest.journal.stats()["pending"] == 0
+    # synced once the instances stop coming: then the journal records are done
+    wait_for(lambda: ingest.journal.stats()["pending"] == 0, 10, what="the journal records to be done")
 
 
 def test_acknowledged_but_never_spooled_instances_are_replayed_after_a_crash(tmp_path):
@@ -134,7 +135,7 @@ def test_release_waits_until_the_association_is_in_the_spool(tmp_path, journaled
 
     def slow_apply(items):
         time.sleep(0.2)
-        real_apply(items)
+        return real_apply(items)
 
     ingest.materialiser.apply = slow_apply
     lst = Listener(ListenerConfig(ae_title="IGTV", host="127.0.0.1", port=0, allow_aet=["STORESCU"]), ingest)
