@@ -43,6 +43,9 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
+#: Storing one instance taking longer than this is logged (senders time out at 10-60 s).
+SLOW_ACK_S = 2.0
+
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "Modality", "SeriesDescription", "PatientID", "StudyDate",
@@ -169,13 +172,15 @@ class Ingest:
         if self.journal is None:
             return 0
         records = self.journal.records()
+        stored: list[StoredInstance] = []
         for rec in records:
             try:
                 header = read_header(io.BytesIO(rec.payload))
             except IngestRejected as exc:  # it was parsed before it was journaled: a damaged record
                 log.error("journal record %d cannot be read (%s); not replayed", rec.seq, exc)
                 continue
-            self.spool.sync(self._apply([_Received(rec.payload, header, rec.source)]))
+            stored += self._apply([_Received(rec.payload, header, rec.source)])
+        self.spool.sync(stored)  # durable in the spool before the records are dropped
         self.journal.reset()
         if records:
             log.info("replayed %d journaled instance(s) into the spool", len(records))
@@ -193,10 +198,12 @@ class Ingest:
     def stop(self, timeout: float = 30.0) -> None:
         """Write what is pending and stop; the journal keeps anything left for the next start."""
         if self.materialiser is not None:
-            if not self.materialiser.stop(timeout):
+            assert self.journal is not None
+            if self.materialiser.stop(timeout):
+                self.journal.reset()  # all durable in the spool: nothing to replay at the next start
+            else:
                 log.warning("%d journaled instance(s) not yet in the spool; replayed at the next start",
                             self.materialiser.backlog)
-            assert self.journal is not None
             self.journal.close()
 
     # -- storing ----------------------------------------------------------------------------
@@ -208,9 +215,12 @@ class Ingest:
         except IngestRejected as exc:
             self.events.emit("instance_refused", source=source, status=exc.status, reason=str(exc))
             raise
+        seconds = time.perf_counter() - start
+        if seconds > SLOW_ACK_S:
+            log.warning("storing instance %s took %.1f s (the disk is slow to flush, or the spool is stalled)",
+                        res.sop_uid, seconds)
         self.events.emit("instance_stored", study_uid=res.study_uid, series_uid=res.series_uid, sop_uid=res.sop_uid,
-                         modality=modality, size=size, source=source, duplicate=res.duplicate,
-                         seconds=time.perf_counter() - start)
+                         modality=modality, size=size, source=source, duplicate=res.duplicate, seconds=seconds)
         return res
 
     def _store(self, part10: bytes, source: str, expected_study: str | None) -> tuple[IngestResult, str, int]:

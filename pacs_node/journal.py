@@ -3,10 +3,12 @@
 Writing an instance durably into the spool takes two flushes on the acknowledgement
 path (the file, then its directory after the rename), each a file-system journal
 commit. The ack journal takes one: instances are appended to a segment file that was
-preallocated (and its name made durable) when it was created, and ``fdatasync`` makes
-the append durable. Segments are reused, and an append into a reused segment
-overwrites written blocks, so its flush carries data only, no metadata. Concurrent
-appends share flushes. The spool file and the index row are written afterwards, off
+zero-filled and fsynced (with its name) when it was created, so an append overwrites
+written blocks and its ``fdatasync`` carries data only: no metadata to commit, and no
+wait for other programs' data that an ext4 journal commit would flush first.
+Segments are created ahead of need in the background and reused (when none is ready,
+a preallocated one is made on the spot rather than waiting). Concurrent appends share
+flushes. The spool file and the index row are written afterwards, off
 the acknowledgement path (:class:`~pacs_node.materialiser.Materialiser`); a segment is
 reused once every record in it is durable in the spool. At startup
 :meth:`AckJournal.records` returns what a crash left, in acknowledgement order, for
@@ -18,7 +20,7 @@ block and then records back to back. Segment header (little-endian): magic
 segment's epoch, sequence number (u64), metadata length (u16), 0 (u16), payload
 length (u32), CRC-32 (u32) of the metadata and payload followed by the fields before
 it; then the metadata (the source, UTF-8) and the payload. A record counts only when its epoch is
-the segment's and its CRC matches, so zeros (never written), a torn write, and the records of an
+the segment's and its CRC matches, so zeros, a torn write, and the records of an
 earlier use of the segment (a new random epoch is written when a segment is freed)
 all end the scan.
 """
@@ -29,6 +31,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ _SEG = struct.Struct("<8sQI")  # magic, epoch, crc
 _SEG_MAGIC = b"IGTVJRN1"
 _REC = struct.Struct("<4sQQHHII")  # magic, epoch, seq, meta length, 0, payload length, crc
 _REC_MAGIC = b"REC1"
+_ZEROS = bytes(1 << 20)
 
 
 class JournalError(IgtvError):
@@ -98,7 +102,7 @@ class AckJournal:
     folder:
         Created if missing; on the same file system as the spool is best (one disk to flush).
     segment_bytes:
-        Size of each segment file (preallocated once when created).
+        Size of each segment file (zero-filled once when created).
     max_segments:
         Segments kept at most; an append waits up to ``wait_s`` for one to be freed.
     """
@@ -237,9 +241,14 @@ class AckJournal:
             seg.pending -= 1
             if seg.pending == 0 and not seg.active:
                 self._spent.append(seg)
+                self._freed.notify_all()  # an append waiting for space can reuse it at once
 
     def maintain(self) -> None:
-        """Free spent segments and keep one spare ready (a background thread calls this; it flushes)."""
+        """Free spent segments; create a spare when none is free and the active segment is half full.
+
+        A background thread calls this (it writes and flushes); the first segment too is
+        created here, so the first acknowledgement does not wait for it.
+        """
         while True:
             with self._lock:
                 if not self._spent:
@@ -250,8 +259,11 @@ class AckJournal:
                 self._free.append(seg)
                 self._freed.notify_all()
         with self._lock:
-            if not self._ready or self._free or len(self._segments) + self._creating >= self.max_segments:
-                return
+            active = self._active
+            if (not self._ready or self._free or self._creating
+                    or len(self._segments) >= self.max_segments
+                    or (active is not None and active.offset < self.segment_bytes // 2)):
+                return  # a spare is ready, on its way, not allowed, or not needed yet
             self._creating += 1
             self._numbers += 1
             number = self._numbers
@@ -260,6 +272,7 @@ class AckJournal:
         finally:
             with self._lock:
                 self._creating -= 1
+                self._freed.notify_all()
         with self._lock:
             self._segments.append(seg)
             self._free.append(seg)
@@ -297,28 +310,43 @@ class AckJournal:
             old.active = False
             if old.pending == 0:
                 self._spent.append(old)
-        if not self._free and self._spent:
-            seg = self._spent.pop(0)
-            self._invalidate(seg)
-            self._free.append(seg)
-        if not self._free and len(self._segments) + self._creating < self.max_segments:
-            self._numbers += 1
-            seg = self._create(self._numbers)
-            self._segments.append(seg)
-            self._free.append(seg)
-        if not self._free and not self._freed.wait_for(lambda: bool(self._free), timeout=self.wait_s):
-            raise JournalError(f"no free journal segment within {self.wait_s:.0f} s (the spool is not keeping up)")
+        deadline = time.monotonic() + self.wait_s
+        while not self._free:
+            if self._spent:
+                seg = self._spent.pop(0)
+                self._invalidate(seg)
+                self._free.append(seg)
+            elif len(self._segments) + self._creating < self.max_segments:
+                self._numbers += 1  # no spare ready: a preallocated one now, not a wait for zero-filling
+                seg = self._create(self._numbers, zero_fill=False)
+                self._segments.append(seg)
+                self._free.append(seg)
+            else:  # at the limit: the spool must catch up first
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JournalError(f"no free journal segment within {self.wait_s:.0f} s "
+                                       "(the spool is not keeping up)")
+                self._freed.wait(remaining)
         seg = self._free.pop(0)
         seg.offset, seg.synced, seg.active = HEADER_BLOCK, HEADER_BLOCK, True
         self._active = seg
         return seg
 
-    def _create(self, number: int) -> Segment:
-        """A new preallocated segment file ``<number>.seg`` with a fresh epoch, durable with its name."""
+    def _create(self, number: int, zero_fill: bool = True) -> Segment:
+        """A new segment file ``<number>.seg`` with a fresh epoch, durable with its name.
+
+        Zero-filled: appends overwrite written blocks (their flushes carry no metadata).
+        Otherwise only preallocated (quick, for the acknowledgement path): its first use
+        commits metadata with each flush, as a spool file would; later uses do not.
+        """
         path = self.folder / f"{number:06d}.seg"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, self.segment_bytes)  # reads as zeros; the C library writes them if need be
+            if zero_fill:
+                for offset in range(0, self.segment_bytes, len(_ZEROS)):
+                    _pwrite_all(fd, [_ZEROS[: self.segment_bytes - offset]], offset)
+            else:
+                os.posix_fallocate(fd, 0, self.segment_bytes)  # reads as zeros
             seg = Segment(path, fd, 0)
             self._invalidate(seg, sync=False)
             os.fsync(fd)

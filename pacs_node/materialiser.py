@@ -62,7 +62,7 @@ class Materialiser:
 
     def __init__(self, journal: AckJournal, apply: Callable[[Sequence[Any]], Sequence[Any]],
                  sync: Callable[[Sequence[Any]], None], max_batch: int = 64, max_batch_bytes: int = 64 << 20,
-                 sync_idle_s: float = 0.1, sync_bytes: int = 64 << 20, retry_s: float = 1.0) -> None:
+                 sync_idle_s: float = 0.1, sync_bytes: int = 128 << 20, retry_s: float = 1.0) -> None:
         self.journal = journal
         self.apply = apply
         self.sync = sync
@@ -123,6 +123,7 @@ class Materialiser:
 
     # -- the thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        self._maintain()  # the first journal segment, before the first instance needs it
         while True:
             batch, stopping = self._take()
             if batch:

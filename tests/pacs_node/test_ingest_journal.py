@@ -148,3 +148,15 @@ def test_release_waits_until_the_association_is_in_the_spool(tmp_path, journaled
         assert len(spool.study_files(study.study_uid)) == 6
     finally:
         lst.stop()
+
+
+def test_a_clean_stop_leaves_nothing_to_replay(tmp_path):
+    data = tmp_path / "data"
+    study = make_study(tmp_path / "s", n_ct=3, n_pet=0)
+    spool, index, ingest = _open(data)
+    for f in study.files:
+        ingest.store(f.read_bytes(), source="t")
+    ingest.stop()
+    index.close()
+    assert len(spool.study_files(study.study_uid)) == 3
+    assert AckJournal(data / "journal", segment_bytes=1 << 20).records() == []
