@@ -2,12 +2,14 @@
 
 Receivers (all on loopback, all writing every instance to disk):
 
-1. ``igtv-node serve`` (durable: write, fsync, rename, fsync dir, SQLite commit before each ack);
+1. ``igtv-node serve`` (durable: each instance is flushed to the ack journal before it is
+   acknowledged; spool file and index row follow, and are in place before the release is answered);
 2. pynetdicom's bundled app, ``python -m pynetdicom storescp`` (no fsync);
 3. dcmtk ``storescp`` (no fsync).
 
-Prints seconds, instances/s and MB/s per receiver (median of ``--repeat`` runs) and the ratios;
-``--json`` writes the numbers for ``run_all.py``.
+Prints seconds, instances/s and MB/s per receiver (median of ``--repeat`` runs) and the ratios,
+and the disk's flush latency before and after (it varies several-fold on a shared virtual disk,
+and the node's time with it); ``--json`` writes the numbers for ``run_all.py``.
 
 Usage::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -56,6 +59,21 @@ def send(port: int, files: list[Path], aec: str) -> float:
     if res.returncode != 0:
         raise RuntimeError(f"storescu to port {port} failed ({res.returncode}): {res.stderr[-800:]}")
     return elapsed
+
+
+def flush_ms(folder: Path | None = None, n: int = 30) -> float:
+    """Median milliseconds to write and fsync a 512 kB file (the floor of one durable acknowledgement)."""
+    data = os.urandom(512 * 1024)
+    times = []
+    with tempfile.TemporaryDirectory(dir=folder) as d:
+        for i in range(n):
+            t = time.perf_counter()
+            with open(Path(d) / f"f{i}", "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            times.append((time.perf_counter() - t) * 1000)
+    return sorted(times)[n // 2]
 
 
 def raw_loopback(files: list[Path]) -> float:
@@ -157,6 +175,7 @@ def receivers() -> list[Receiver]:
 def run(files: list[Path], repeat: int, only: list[str] | None = None) -> dict:
     total_mb = sum(p.stat().st_size for p in files) / 1e6
     results: dict[str, dict] = {}
+    flush_before = flush_ms()
     for rcv in receivers():
         if only and not any(rcv.name.startswith(o) for o in only):
             continue
@@ -179,13 +198,15 @@ def run(files: list[Path], repeat: int, only: list[str] | None = None) -> dict:
         results[rcv.name] = {"seconds": med, "runs": times, "instances_per_s": len(files) / med,
                              "mb_per_s": total_mb / med}
     return {"instances": len(files), "megabytes": total_mb, "raw_loopback_s": raw_loopback(files),
-            "receivers": results}
+            "flush_ms": [flush_before, flush_ms()], "receivers": results}
 
 
 def table(res: dict) -> str:
     node = res["receivers"].get("igtv-node (durable)", {}).get("seconds", float("nan"))
+    flush = res.get("flush_ms", [float("nan")] * 2)
     lines = [f"Study: {res['instances']} instances, {res['megabytes']:.1f} MB; raw loopback for the same bytes: "
-             f"{res['raw_loopback_s']:.3f} s.", "",
+             f"{res['raw_loopback_s']:.3f} s; disk write + fsync of 512 kB: {flush[0]:.1f} ms before, "
+             f"{flush[1]:.1f} ms after.", "",
              "| receiver | seconds (median) | instances/s | MB/s | node speed-up vs this |", "|---|---|---|---|---|"]
     for name, r in res["receivers"].items():
         lines.append(f"| {name} | {r['seconds']:.2f} | {r['instances_per_s']:.1f} | {r['mb_per_s']:.1f} | "

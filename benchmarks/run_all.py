@@ -45,20 +45,6 @@ INGEST_NOTES = """Where the listener waited, and what changed (`pacs_node/dulgua
 """
 
 
-def _fsync_ms(folder: Path, n: int = 30) -> float:
-    """Median milliseconds to write and fsync a 512 kB file here (the durable-ack floor)."""
-    data = os.urandom(512 * 1024)
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        with open(folder / f"f{i}", "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        times.append((time.perf_counter() - t) * 1000)
-    return sorted(times)[n // 2]
-
-
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
@@ -68,8 +54,7 @@ def machine() -> str:
     import pydicom
     import pynetdicom
 
-    with tempfile.TemporaryDirectory() as d:
-        fsync = _fsync_ms(Path(d))
+    fsync = bench_ingest.flush_ms()
     return (f"- CPU: {cpu}, {os.cpu_count()} cores (shared with other work while measuring)\n"
             f"- memory: {int(mem) / 1024 / 1024:.1f} GiB; python {platform.python_version()}, "
             f"pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
