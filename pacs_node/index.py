@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,40 +234,60 @@ class Index:
         already knew bumps the study's generation, which reconciliation cannot
         see, so that commit is ``FULL``.
         """
+        return self.record_instances([(rec, changed)], now)[0]
+
+    def record_instances(self, items: Sequence[tuple[InstanceRecord, bool]], now: float | None = None) -> list[bool]:
+        """Record several stored instances (``(record, changed)``) in one transaction, in order.
+
+        Each as :meth:`record_instance` would; returns which were new. The commit
+        is ``FULL`` when any of them is a changed instance the index already knew.
+        """
+        if not items:
+            return []
         now = time.time() if now is None else now
-        known = self.connection().execute("SELECT 1 FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
-        with self.write(sync="FULL" if known and changed else "NORMAL") as con:
-            existing = con.execute("SELECT sop_uid FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
-            con.execute(
-                "INSERT INTO studies(study_uid, patient_hash, study_date, first_received, last_received) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(study_uid) DO NOTHING",
-                (rec.study_uid, rec.patient_hash, rec.study_date, now, now),
-            )
-            con.execute(
-                "INSERT INTO series(series_uid, study_uid, modality, description, last_received) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
-                (rec.series_uid, rec.study_uid, rec.modality, rec.series_description, now),
-            )
-            con.execute(
-                "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path, "
-                "size, received_at, source) VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET "
-                "path=excluded.path, size=excluded.size, received_at=excluded.received_at, "
-                "transfer_syntax=excluded.transfer_syntax, source=excluded.source",
-                (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
-                 rec.path, rec.size, now, rec.source),
-            )
-            new = existing is None
-            if not new and not changed:
-                return False
-            con.execute(
-                "UPDATE studies SET last_received=?, generation=generation+1, state='receiving', reason=NULL, "
-                "instance_count=instance_count+?, bytes=bytes+? WHERE study_uid=?",
-                (now, 1 if new else 0, rec.size if new else 0, rec.study_uid),
-            )
-            if new:
-                con.execute(
-                    "UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?", (rec.series_uid,)
-                )
+        con = self.connection()
+        known = {r[0] for r in con.execute(
+            f"SELECT sop_uid FROM instances WHERE sop_uid IN ({','.join('?' * len(items))})",
+            [rec.sop_uid for rec, _ in items])}
+        full = any(rec.sop_uid in known and changed for rec, changed in items)
+        news: list[bool] = []
+        with self.write(sync="FULL" if full else "NORMAL") as con:
+            for rec, changed in items:
+                news.append(self._record(con, rec, changed, now))
+        return news
+
+    @staticmethod
+    def _record(con: sqlite3.Connection, rec: InstanceRecord, changed: bool, now: float) -> bool:
+        """The statements of one instance inside a write transaction; True when it is new."""
+        existing = con.execute("SELECT sop_uid FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+        con.execute(
+            "INSERT INTO studies(study_uid, patient_hash, study_date, first_received, last_received) "
+            "VALUES(?,?,?,?,?) ON CONFLICT(study_uid) DO NOTHING",
+            (rec.study_uid, rec.patient_hash, rec.study_date, now, now),
+        )
+        con.execute(
+            "INSERT INTO series(series_uid, study_uid, modality, description, last_received) "
+            "VALUES(?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
+            (rec.series_uid, rec.study_uid, rec.modality, rec.series_description, now),
+        )
+        con.execute(
+            "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path, "
+            "size, received_at, source) VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET "
+            "path=excluded.path, size=excluded.size, received_at=excluded.received_at, "
+            "transfer_syntax=excluded.transfer_syntax, source=excluded.source",
+            (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
+             rec.path, rec.size, now, rec.source),
+        )
+        new = existing is None
+        if not new and not changed:
+            return False
+        con.execute(
+            "UPDATE studies SET last_received=?, generation=generation+1, state='receiving', reason=NULL, "
+            "instance_count=instance_count+?, bytes=bytes+? WHERE study_uid=?",
+            (now, 1 if new else 0, rec.size if new else 0, rec.study_uid),
+        )
+        if new:
+            con.execute("UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?", (rec.series_uid,))
         return new
 
     def known_sop_uids(self) -> set[str]:

@@ -252,7 +252,7 @@ class Ingest:
             log.error("cannot write instance %s: %s", header.sop_uid, exc)
             raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
         try:
-            self._record(header, stored, source)
+            self._record([(header, stored, source)])
         except sqlite3.Error as exc:
             log.error("cannot index instance %s: %s", header.sop_uid, exc)
             raise IngestRejected(f"cannot record the instance in the index: {exc}", STATUS_OUT_OF_RESOURCES) from None
@@ -316,15 +316,18 @@ class Ingest:
         """
         stored = [self.spool.store(r.part10, r.header.study_uid, r.header.series_uid, r.header.sop_uid,
                                    durable=False) for r in items]
-        for received, inst in zip(items, stored, strict=True):
-            self._record(received.header, inst, received.source)
+        self._record([(r.header, inst, r.source) for r, inst in zip(items, stored, strict=True)])
         return stored
 
-    def _record(self, header: InstanceHeader, stored: StoredInstance, source: str) -> None:
-        """Index a spooled instance; the first instance of a study emits ``study_received``."""
-        new = self.index.record_instance(header.record(stored.path, stored.size, source), changed=stored.changed)
-        if new and self.index.study_instance_count(header.study_uid) == 1:
-            self.events.emit("study_received", study_uid=header.study_uid, source=source)
+    def _record(self, items: Sequence[tuple[InstanceHeader, StoredInstance, str]]) -> None:
+        """Index spooled instances (one transaction); a study's first instance emits ``study_received``."""
+        unseen = {h.study_uid for h, _, _ in items if self.index.study_instance_count(h.study_uid) == 0}
+        news = self.index.record_instances(
+            [(header.record(inst.path, inst.size, source), inst.changed) for header, inst, source in items])
+        for (header, _, source), new in zip(items, news, strict=True):
+            if new and header.study_uid in unseen:
+                unseen.discard(header.study_uid)
+                self.events.emit("study_received", study_uid=header.study_uid, source=source)
 
     @staticmethod
     def _result(header: InstanceHeader, duplicate: bool) -> IngestResult:

@@ -160,3 +160,31 @@ def test_a_clean_stop_leaves_nothing_to_replay(tmp_path):
     index.close()
     assert len(spool.study_files(study.study_uid)) == 3
     assert AckJournal(data / "journal", segment_bytes=1 << 20).records() == []
+
+
+def test_study_received_once_per_study_whatever_the_batches(tmp_path, journaled):
+    spool, index, ingest = journaled
+    seen: list[str] = []
+    ingest.events.subscribe("study_received", lambda study_uid, **_: seen.append(study_uid))
+    a = make_study(tmp_path / "a", n_ct=5, n_pet=2)
+    b = make_study(tmp_path / "b", n_ct=3, n_pet=0)
+    for f in [*a.files, *b.files, *a.files]:
+        ingest.store(f.read_bytes(), source="t")
+    assert ingest.flush(10)
+    assert sorted(seen) == sorted([a.study_uid, b.study_uid])
+
+
+def test_no_ack_when_the_journal_write_fails(tmp_path, journaled, monkeypatch):
+    from pacs_node.ingest import STATUS_OUT_OF_RESOURCES, IngestRejected
+
+    spool, index, ingest = journaled
+    study = make_study(tmp_path / "s", n_ct=1, n_pet=0)
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ingest.journal, "append", broken)
+    with pytest.raises(IngestRejected) as exc:
+        ingest.store(study.ct_files[0].read_bytes(), source="t")
+    assert exc.value.status == STATUS_OUT_OF_RESOURCES
+    assert ingest.flush(5) and index.study(study.study_uid) is None and spool.study_files(study.study_uid) == []
