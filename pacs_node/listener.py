@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
 from pacs_node.config import ListenerConfig
 from pacs_node.dulguard import guard_server
 from pacs_node.ingest import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Ingest, IngestRejected
+from pacs_node.part10 import received_part10
 from pacs_node.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Listener:
     def _on_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            self.ingest.store(event.encoded_dataset(), source=f"dimse:{calling}")
+            self.ingest.store(received_part10(event), source=f"dimse:{calling}")
         except IngestRejected as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, exc.status, exc)
             return exc.status
