@@ -57,7 +57,8 @@ class GuardedSocket(WakeableSocket):
             raise PeerLimitError(f"PDU of {nr_bytes} bytes exceeds the limit")
         data = self._recv_exact(nr_bytes)
         if header is not None and header[0] == 0x04 and self.max_message:
-            self._count_pdvs(bytes(data))
+            with memoryview(data) as view:
+                self._count_pdvs(view)
         return data
 
     def _recv_exact(self, nr_bytes: int) -> bytearray:
@@ -86,11 +87,11 @@ class GuardedSocket(WakeableSocket):
             view.release()
         return buf
 
-    def _count_pdvs(self, body: bytes) -> None:
+    def _count_pdvs(self, body: bytes | memoryview) -> None:
         """Sum data-set fragment bytes of the current message; refuse once above ``max_message``."""
         pos = 0
         while pos + 6 <= len(body):
-            (length,) = struct.unpack(">L", body[pos:pos + 4])
+            (length,) = struct.unpack_from(">L", body, pos)
             control = body[pos + 5]
             if not control & 0x01:  # a data set fragment
                 self._message_bytes += max(0, length - 2)

@@ -9,11 +9,10 @@ sent: about 1 ms of every instance, with the CPU idle.
 
 :class:`WakeableSocket` makes the socket poll itself the wait: ``ready`` blocks
 in ``select`` on the peer's socket and on a wake-up socket pair for at most
-``poll_s`` (the old sleep), and :class:`WakingQueue` (the DUL's
-``to_provider_queue``) writes a byte to the pair whenever a primitive is
-queued. The DUL's own sleep is set to 0, so the loop still turns at least
-every ``poll_s`` (timers, kill flag) but reacts to data and to responses at
-once. Everything else (state machine, reads, errors) stays pynetdicom's.
+``poll_s``, and :class:`WakingQueue` (the DUL's ``to_provider_queue``)
+writes a byte to the pair whenever a primitive is queued. The DUL's own sleep
+is set to 0, so the loop still turns at least every ``poll_s`` (timers, kill
+flag) but reacts to data and to responses at once. Everything else (state machine, reads, errors) stays pynetdicom's.
 When the transport closes (``EVT_CONN_CLOSE``, every way an association
 ends) the pair is closed and the DUL gets its sleep back for its last turns.
 """
@@ -30,8 +29,10 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket
 
-#: Longest wait for data or a queued primitive per DUL loop (pynetdicom's own sleep).
-POLL_S = 0.001
+#: Longest wait for data or a queued primitive per DUL loop: the loop checks its timers and
+#: kill flag this often (both wake it on their own otherwise, so an idle association turns
+#: 20 times a second instead of pynetdicom's 1000).
+POLL_S = 0.05
 
 
 class WakingQueue(queue.Queue):
