@@ -7,6 +7,8 @@ Receivers (all on loopback, all writing every instance to disk):
 2. pynetdicom's bundled app, ``python -m pynetdicom storescp`` (no fsync);
 3. dcmtk ``storescp`` (no fsync).
 
+Each receiver is started fresh per run; the node is sent the study once it is idle (after
+``/health``, its worker process still spends a second or two importing the processing function).
 Prints seconds, instances/s and MB/s per receiver (median of ``--repeat`` runs) and the ratios,
 and the disk's flush latency before and after (it varies several-fold on a shared virtual disk,
 and the node's time with it); ``--json`` writes the numbers for ``run_all.py``.
@@ -129,6 +131,7 @@ class NodeReceiver(Receiver):
 
     def start(self, work: Path) -> int:
         self.node = NodeProcess(work, stable_age_s=3600, log_level="WARNING").start()
+        self.node.wait_idle()  # the worker process finishes its start-up imports first
         return self.node.port
 
     def stop(self) -> None:

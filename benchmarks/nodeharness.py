@@ -212,6 +212,41 @@ timeout_s = 10
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def wait_idle(self, timeout: float = 30.0, busy_cpu_s: float = 0.05, window_s: float = 0.5) -> float:
+        """Wait until the node and its worker processes use under ``busy_cpu_s`` of CPU per ``window_s``.
+
+        After ``/health`` answers, the worker process is still importing the processing function
+        (torch for the real pipeline): a second or more of CPU that a node that has been up a while
+        does not spend. Returns the seconds waited.
+        """
+        import psutil
+
+        t0 = time.monotonic()
+
+        def cpu() -> float:
+            try:
+                procs = [psutil.Process(self.proc.pid)] if self.proc else []
+                procs += procs[0].children(recursive=True) if procs else []
+            except psutil.Error:
+                return 0.0
+            total = 0.0
+            for p in procs:
+                try:
+                    times = p.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    pass
+            return total
+
+        before = cpu()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(window_s)
+            now = cpu()
+            if now - before < busy_cpu_s:
+                break
+            before = now
+        return time.monotonic() - t0
+
     def log_tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
