@@ -189,10 +189,12 @@ def run_trial(case: str, study, work: Path, reference: list[str], rng: random.Ra
         if missing:
             res.problems.append(f"{len(missing)} instance(s) not in the index after the re-send")
     except Exception as exc:  # report, keep going with the other trials
-        res.problems.append(f"{type(exc).__name__}: {exc}\n{node.log_tail(15)}")
+        res.problems.append(f"{type(exc).__name__}: {exc}")
     finally:
         node.stop()
         dest.stop()
+    if not res.ok:  # the node's log (both runs) says what it was doing
+        res.problems.append("node log:\n" + node.log_tail(25))
     res.seconds = time.monotonic() - t0
     return res
 
