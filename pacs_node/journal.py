@@ -3,14 +3,14 @@
 Writing an instance durably into the spool takes two flushes on the acknowledgement
 path (the file, then its directory after the rename), each a file-system journal
 commit. The ack journal takes one: instances are appended to a segment file that was
-zero-filled and fsynced (with its name) when it was created, so an append overwrites
-written blocks and its ``fdatasync`` carries data only: no metadata to commit, and no
-wait for other programs' data that an ext4 journal commit would flush first.
-Segments are created ahead of need in the background and reused (when none is ready,
-a preallocated one is made on the spot rather than waiting). Concurrent appends share
-flushes. The spool file and the index row are written afterwards, off
-the acknowledgement path (:class:`~pacs_node.materialiser.Materialiser`); a segment is
-reused once every record in it is durable in the spool. At startup
+preallocated and made durable with its name when it was created, and ``fdatasync``
+makes the append durable. Segments are reused: an append into a segment used before
+overwrites written blocks, so its flush carries data only (no metadata to commit, and
+no wait for other programs' data that an ext4 journal commit would flush first); only
+a segment's first use commits metadata with each flush, as a spool file would.
+Concurrent appends share flushes. The spool file and the index row are written
+afterwards, off the acknowledgement path (:class:`~pacs_node.materialiser.Materialiser`);
+a segment is reused once every record in it is durable in the spool. At startup
 :meth:`AckJournal.records` returns what a crash left, in acknowledgement order, for
 replay.
 
@@ -19,10 +19,10 @@ block and then records back to back. Segment header (little-endian): magic
 ``IGTVJRN1``, epoch (random u64), CRC-32 of both. Record: magic ``REC1``, the
 segment's epoch, sequence number (u64), metadata length (u16), 0 (u16), payload
 length (u32), CRC-32 (u32) of the metadata and payload followed by the fields before
-it; then the metadata (the source, UTF-8) and the payload. A record counts only when its epoch is
-the segment's and its CRC matches, so zeros, a torn write, and the records of an
-earlier use of the segment (a new random epoch is written when a segment is freed)
-all end the scan.
+it; then the metadata (the source, UTF-8) and the payload. A record counts only when
+its epoch is the segment's and its CRC matches, so zeros, a torn write, and the
+records of an earlier use of the segment (a new random epoch is written when a
+segment is freed) all end the scan.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ _SEG = struct.Struct("<8sQI")  # magic, epoch, crc
 _SEG_MAGIC = b"IGTVJRN1"
 _REC = struct.Struct("<4sQQHHII")  # magic, epoch, seq, meta length, 0, payload length, crc
 _REC_MAGIC = b"REC1"
-_ZEROS = bytes(1 << 20)
 
 
 class JournalError(IgtvError):
@@ -102,7 +101,7 @@ class AckJournal:
     folder:
         Created if missing; on the same file system as the spool is best (one disk to flush).
     segment_bytes:
-        Size of each segment file (zero-filled once when created).
+        Size of each segment file (preallocated when created).
     max_segments:
         Segments kept at most; an append waits up to ``wait_s`` for one to be freed.
     """
@@ -317,8 +316,8 @@ class AckJournal:
                 self._invalidate(seg)
                 self._free.append(seg)
             elif len(self._segments) + self._creating < self.max_segments:
-                self._numbers += 1  # no spare ready: a preallocated one now, not a wait for zero-filling
-                seg = self._create(self._numbers, zero_fill=False)
+                self._numbers += 1  # no spare ready (rare): make one here
+                seg = self._create(self._numbers)
                 self._segments.append(seg)
                 self._free.append(seg)
             else:  # at the limit: the spool must catch up first
@@ -332,21 +331,12 @@ class AckJournal:
         self._active = seg
         return seg
 
-    def _create(self, number: int, zero_fill: bool = True) -> Segment:
-        """A new segment file ``<number>.seg`` with a fresh epoch, durable with its name.
-
-        Zero-filled: appends overwrite written blocks (their flushes carry no metadata).
-        Otherwise only preallocated (quick, for the acknowledgement path): its first use
-        commits metadata with each flush, as a spool file would; later uses do not.
-        """
+    def _create(self, number: int) -> Segment:
+        """A new preallocated segment file ``<number>.seg`` with a fresh epoch, durable with its name."""
         path = self.folder / f"{number:06d}.seg"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            if zero_fill:
-                for offset in range(0, self.segment_bytes, len(_ZEROS)):
-                    _pwrite_all(fd, [_ZEROS[: self.segment_bytes - offset]], offset)
-            else:
-                os.posix_fallocate(fd, 0, self.segment_bytes)  # reads as zeros
+            os.posix_fallocate(fd, 0, self.segment_bytes)  # reads as zeros until written
             seg = Segment(path, fd, 0)
             self._invalidate(seg, sync=False)
             os.fsync(fd)
