@@ -129,8 +129,14 @@ class NodeReceiver(Receiver):
     name = "igtv-node (durable)"
     aec = "IGTV"
 
+    def __init__(self, journal: bool = True) -> None:
+        self.journal = journal
+        if not journal:
+            self.name = "igtv-node (durable, spool.journal = false)"
+
     def start(self, work: Path) -> int:
-        self.node = NodeProcess(work, stable_age_s=3600, log_level="WARNING").start()
+        self.node = NodeProcess(work, stable_age_s=3600, log_level="WARNING",
+                                extra_spool_toml="" if self.journal else "journal = false").start()
         self.node.wait_idle()  # the worker process finishes its start-up imports first
         return self.node.port
 
@@ -166,20 +172,21 @@ class SubprocessReceiver(Receiver):
         return sum(1 for p in self.out.rglob("*") if p.is_file())
 
 
-def receivers() -> list[Receiver]:
+def receivers(no_journal: bool = False) -> list[Receiver]:
     return [
         NodeReceiver(),
+        *([NodeReceiver(journal=False)] if no_journal else []),
         SubprocessReceiver("pynetdicom storescp app",
                            [sys.executable, "-m", "pynetdicom", "storescp", "{port}", "-od", "{out}"]),
         SubprocessReceiver("dcmtk storescp", ["storescp", "-od", "{out}", "{port}"]),
     ]
 
 
-def run(files: list[Path], repeat: int, only: list[str] | None = None) -> dict:
+def run(files: list[Path], repeat: int, only: list[str] | None = None, no_journal: bool = False) -> dict:
     total_mb = sum(p.stat().st_size for p in files) / 1e6
     results: dict[str, dict] = {}
     flush_before = flush_ms()
-    for rcv in receivers():
+    for rcv in receivers(no_journal):
         if only and not any(rcv.name.startswith(o) for o in only):
             continue
         times = []
@@ -224,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", default="", help="comma-separated receiver name prefixes (e.g. igtv,pynetdicom)")
     ap.add_argument("--limit", type=int, default=0, help="send only the first N files (quick experiments)")
+    ap.add_argument("--no-journal", action="store_true",
+                    help="also measure the node with spool.journal = false (three flushes per acknowledgement)")
     args = ap.parse_args(argv)
     files = ensure_study(args.study)
     if args.limit:
         files = files[: args.limit]
     only = [o for o in args.only.split(",") if o]
-    res = run(files, args.repeat, only)
+    res = run(files, args.repeat, only, args.no_journal)
     print()
     print(table(res))
     if args.json:

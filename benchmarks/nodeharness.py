@@ -92,6 +92,8 @@ class NodeProcess:
         ``NAME=AET@HOST:PORT`` strings.
     process_function:
         ``module:function`` run per study (default: the slow fake).
+    extra_listener_toml, extra_spool_toml:
+        Lines added to the ``[listener]`` and ``[spool]`` sections.
     extra_toml:
         Appended to the generated config (extra sections).
     """
@@ -104,6 +106,7 @@ class NodeProcess:
     ae_title: str = "IGTV"
     allow_aet: list[str] = field(default_factory=list)
     extra_listener_toml: str = ""
+    extra_spool_toml: str = ""
     extra_toml: str = ""
     log_level: str = "INFO"
     port: int = 0
@@ -136,6 +139,7 @@ port = {self.http_port}
 data_dir = "{self.data_dir}"
 stable_age_s = {self.stable_age_s}
 min_free_mb = 0
+{self.extra_spool_toml}
 [worker]
 workers = 1
 torch_threads = 1
