@@ -19,7 +19,8 @@ import io
 import logging
 import sqlite3
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -241,16 +242,8 @@ class Ingest:
             return self._journal(part10, header, source), header.modality, len(part10)
         if journal is not None:  # too large for a segment: keep the order, then write it directly
             self.flush()
-        try:
+        with _refused_on_write_errors(header.sop_uid):
             stored = self.spool.store(part10, header.study_uid, header.series_uid, header.sop_uid)
-        except InvalidUidError as exc:
-            raise IngestRejected(str(exc), STATUS_DATASET_MISMATCH) from None
-        except SpoolFullError as exc:
-            log.warning("refusing instance: %s", exc)
-            raise IngestRejected(str(exc), STATUS_OUT_OF_RESOURCES) from None
-        except (SpoolError, OSError) as exc:
-            log.error("cannot write instance %s: %s", header.sop_uid, exc)
-            raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
         try:
             self._record([(header, stored, source)])
         except sqlite3.Error as exc:
@@ -292,18 +285,10 @@ class Ingest:
     def _journal(self, part10: bytes, header: InstanceHeader, source: str) -> IngestResult:
         """Acknowledge through the ack journal: checks, one durable append, then hand it to the materialiser."""
         assert self.journal is not None and self.materialiser is not None
-        try:
+        with _refused_on_write_errors(header.sop_uid):
             self.spool.instance_path(header.study_uid, header.series_uid, header.sop_uid)  # UIDs fit for paths
             self.spool.check_space(len(part10))
             entry = self.journal.append(part10, source)
-        except InvalidUidError as exc:
-            raise IngestRejected(str(exc), STATUS_DATASET_MISMATCH) from None
-        except SpoolFullError as exc:
-            log.warning("refusing instance: %s", exc)
-            raise IngestRejected(str(exc), STATUS_OUT_OF_RESOURCES) from None
-        except (JournalError, OSError) as exc:
-            log.error("cannot journal instance %s: %s", header.sop_uid, exc)
-            raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
         duplicate = self.index.instance(header.sop_uid) is not None  # as far as the index knows yet
         self.materialiser.submit(Pending(entry, _Received(part10, header, source), len(part10)))
         log.debug("journaled %s (%s) from %s", header.sop_uid, header.modality, source)
@@ -332,6 +317,21 @@ class Ingest:
     @staticmethod
     def _result(header: InstanceHeader, duplicate: bool) -> IngestResult:
         return IngestResult(header.study_uid, header.series_uid, header.sop_uid, header.sop_class_uid, duplicate)
+
+
+@contextmanager
+def _refused_on_write_errors(sop_uid: str) -> Iterator[None]:
+    """Turn a failure to write an instance (spool or journal) into the refusal its sender sees."""
+    try:
+        yield
+    except InvalidUidError as exc:
+        raise IngestRejected(str(exc), STATUS_DATASET_MISMATCH) from None
+    except SpoolFullError as exc:
+        log.warning("refusing instance: %s", exc)
+        raise IngestRejected(str(exc), STATUS_OUT_OF_RESOURCES) from None
+    except (SpoolError, JournalError, OSError) as exc:
+        log.error("cannot write instance %s: %s", sop_uid, exc)
+        raise IngestRejected(f"cannot write the instance: {exc}", STATUS_OUT_OF_RESOURCES) from None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pacs_node.spool import fsync_dir
 from pipeline.errors import IgtvError
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,6 @@ class JournalRecord:
     seq: int
     source: str
     payload: bytes = field(repr=False)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _new_epoch() -> int:
@@ -344,7 +337,7 @@ class AckJournal:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         return seg
 
     def _invalidate(self, seg: Segment, sync: bool = True) -> None:
