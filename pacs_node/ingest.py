@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 #: Storing one instance taking longer than this is logged (senders time out at 10-60 s).
 SLOW_ACK_S = 2.0
+#: Acknowledged instances not yet in the spool and index beyond which an acknowledgement waits.
+MAX_BACKLOG = 64
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -162,6 +165,7 @@ class Ingest:
         self.sop_classes = frozenset(str(c) for c in sop_classes) if sop_classes else None
         self.journal = journal
         self.materialiser = Materialiser(journal, self._apply, self.spool.sync) if journal is not None else None
+        self._local = threading.local()  # place of the calling thread's last journaled instance
 
     # -- lifecycle (journal only) ----------------------------------------------------------
     def replay_journal(self) -> int:
@@ -187,14 +191,30 @@ class Ingest:
             log.info("replayed %d journaled instance(s) into the spool", len(records))
         return len(records)
 
+    def unapplied_studies(self) -> set[str]:
+        """Studies with acknowledged instances that are not in the index yet (their completion must wait)."""
+        if self.materialiser is None:
+            return set()
+        return {received.header.study_uid for received in self.materialiser.queued()}
+
     def start(self) -> None:
         """Start writing journaled instances to the spool (no-op without a journal)."""
         if self.materialiser is not None:
             self.materialiser.start()
 
-    def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until every instance acknowledged so far is in the spool and the index."""
-        return self.materialiser.wait(timeout) if self.materialiser is not None else True
+    def flush(self, timeout: float = 60.0, this_thread: bool = False) -> bool:
+        """Wait until every instance acknowledged so far is in the spool and the index.
+
+        With ``this_thread``, only those acknowledged by the calling thread (one DIMSE
+        association or STOW request), and the ones before them: a thread that stored
+        nothing does not wait.
+        """
+        if self.materialiser is None:
+            return True
+        if not this_thread:
+            return self.materialiser.wait(timeout)
+        upto = getattr(self._local, "place", 0)
+        return upto == 0 or self.materialiser.wait(timeout, upto)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Write what is pending and stop; the journal keeps anything left for the next start."""
@@ -290,7 +310,9 @@ class Ingest:
             self.spool.check_space(len(part10))
             entry = self.journal.append(part10, source)
         duplicate = self.index.instance(header.sop_uid) is not None  # as far as the index knows yet
-        self.materialiser.submit(Pending(entry, _Received(part10, header, source), len(part10)))
+        self._local.place = self.materialiser.submit(Pending(entry, _Received(part10, header, source), len(part10)))
+        if self.materialiser.backlog > MAX_BACKLOG:  # the spool fell behind (many associations): let it catch up
+            self.materialiser.wait()
         log.debug("journaled %s (%s) from %s", header.sop_uid, header.modality, source)
         return self._result(header, duplicate)
 

@@ -130,9 +130,9 @@ class Listener:
         return STATUS_SUCCESS
 
     def _on_acse_recv(self, event: Any) -> None:
-        """Before a release is answered, what the node acknowledged is in the spool and the index."""
+        """Before a release is answered, what this association stored is in the spool and the index."""
         primitive = event.primitive
-        if isinstance(primitive, A_RELEASE) and primitive.result is None and not self.ingest.flush():
+        if isinstance(primitive, A_RELEASE) and primitive.result is None and not self.ingest.flush(this_thread=True):
             log.warning("association released before every acknowledged instance reached the spool "
                         "(they are safe in the ack journal)")
 

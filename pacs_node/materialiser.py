@@ -89,18 +89,19 @@ class Materialiser:
             self._thread = threading.Thread(target=self._run, name="materialiser", daemon=True)
             self._thread.start()
 
-    def submit(self, pending: Pending) -> None:
-        """Queue one journaled instance (after its record is durable)."""
+    def submit(self, pending: Pending) -> int:
+        """Queue one journaled instance (after its record is durable); return its place for :meth:`wait`."""
         with self._cond:
             self._queue.append(pending)
             self._submitted += 1
             self._last_submit = time.monotonic()
             self._cond.notify_all()
+            return self._submitted
 
-    def wait(self, timeout: float = 60.0) -> bool:
-        """Wait until everything submitted before this call is applied (in the spool and index)."""
+    def wait(self, timeout: float = 60.0, upto: int | None = None) -> bool:
+        """Wait until the instances submitted up to place ``upto`` (default: all so far) are applied."""
         with self._cond:
-            target = self._submitted
+            target = self._submitted if upto is None else upto
             return self._cond.wait_for(lambda: self._applied >= target, timeout=timeout)
 
     @property
@@ -108,6 +109,11 @@ class Materialiser:
         """Submitted instances not applied yet."""
         with self._cond:
             return self._submitted - self._applied
+
+    def queued(self) -> list[Any]:
+        """The items submitted and not applied yet, oldest first."""
+        with self._cond:
+            return [p.item for p in self._queue]
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Apply and sync what is queued (up to ``timeout``), then end the thread; True when nothing is left."""

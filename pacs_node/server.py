@@ -79,7 +79,7 @@ class NodeServer:
             torch_threads=cfg.worker.torch_threads, on_processed=self.exporter.wake, events=self.events,
         )
         self.completion = CompletionScanner(self.index, self.jobs, cfg.spool.stable_age_s,
-                                            on_queued=self.workers.wake)
+                                            on_queued=self.workers.wake, receiving=self.ingest.unapplied_studies)
         Dashboard(
             self.index, self.jobs, destinations=[d.name for d in cfg.export.destinations],
             node_name=cfg.listener.ae_title, audit_path=self.audit.path, metrics=self.metrics,

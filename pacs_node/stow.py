@@ -105,7 +105,7 @@ class StowService:
                 "00081190": _elem("UR", f"{base}/studies/{res.study_uid}/series/{res.series_uid}/instances/{res.sop_uid}"),
             })
         if referenced:  # the response follows once the stored parts are in the spool and the index
-            self.ingest.flush()
+            self.ingest.flush(this_thread=True)
         doc: dict = {}
         if expected:
             doc["00081190"] = _elem("UR", f"{base}/studies/{expected}")

@@ -188,3 +188,70 @@ def test_no_ack_when_the_journal_write_fails(tmp_path, journaled, monkeypatch):
         ingest.store(study.ct_files[0].read_bytes(), source="t")
     assert exc.value.status == STATUS_OUT_OF_RESOURCES
     assert ingest.flush(5) and index.study(study.study_uid) is None and spool.study_files(study.study_uid) == []
+
+
+def _slow_apply(ingest, seconds: float) -> None:
+    real_apply = ingest.materialiser.apply
+
+    def slow(items):
+        time.sleep(seconds)
+        return real_apply(items)
+
+    ingest.materialiser.apply = slow
+
+
+def test_a_thread_that_stored_nothing_does_not_wait_for_the_others(tmp_path, journaled):
+    spool, index, ingest = journaled
+    _slow_apply(ingest, 0.5)
+    study = make_study(tmp_path / "s", n_ct=3, n_pet=0)
+    for f in study.files:
+        ingest.store(f.read_bytes(), source="t")
+    waited: list[float] = []
+
+    def other_association() -> None:  # e.g. a C-ECHO association being released
+        t0 = time.monotonic()
+        assert ingest.flush(10, this_thread=True)
+        waited.append(time.monotonic() - t0)
+
+    import threading
+
+    t = threading.Thread(target=other_association)
+    t.start()
+    t.join(10)
+    assert waited and waited[0] < 0.3
+    assert ingest.flush(10, this_thread=True)  # this thread stored: it waits until its instances are in
+    assert index.study(study.study_uid)["instance_count"] == 3
+
+
+def test_acknowledgements_wait_when_the_spool_falls_far_behind(tmp_path, journaled, monkeypatch):
+    from pacs_node import ingest as ingest_mod
+
+    spool, index, ingest = journaled
+    monkeypatch.setattr(ingest_mod, "MAX_BACKLOG", 3)
+    _slow_apply(ingest, 0.05)
+    study = make_study(tmp_path / "s", n_ct=12, n_pet=0)
+    backlog = []
+    for f in study.files:
+        ingest.store(f.read_bytes(), source="t")
+        backlog.append(ingest.materialiser.backlog)
+    assert max(backlog) <= 4  # bounded: the index never lags far behind the acknowledgements
+
+
+def test_completion_waits_for_studies_not_yet_in_the_index(tmp_path, journaled):
+    from pacs_node.completion import scan_once
+    from pacs_node.jobs import JobQueue
+
+    spool, index, ingest = journaled
+    _slow_apply(ingest, 0.5)
+    study = make_study(tmp_path / "s", n_ct=2, n_pet=2)
+    for f in study.ct_files:  # the CT series reaches the index ...
+        ingest.store(f.read_bytes(), source="t")
+    assert ingest.flush(10)
+    for f in study.pet_files:  # ... the PET series is acknowledged, still on its way
+        ingest.store(f.read_bytes(), source="t")
+    assert study.study_uid in ingest.unapplied_studies()
+    jobs = JobQueue(index)
+    assert scan_once(index, jobs, 0.0, now=time.time() + 60, receiving=ingest.unapplied_studies()) == []
+    assert jobs.jobs_of_study(study.study_uid) == []  # no "no PET series" failure
+    assert ingest.flush(10)
+    assert scan_once(index, jobs, 0.0, now=time.time() + 60, receiving=ingest.unapplied_studies()) == [study.study_uid]
