@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated receiver name prefixes (e.g. igtv,pynetdicom)")
     ap.add_argument("--limit", type=int, default=0, help="send only the first N files (quick experiments)")
     ap.add_argument("--no-journal", action="store_true",
-                    help="also measure the node with spool.journal = false (three flushes per acknowledgement)")
+                    help="also measure the node with spool.journal = false (two flushes per acknowledgement)")
     args = ap.parse_args(argv)
     files = ensure_study(args.study)
     if args.limit:

@@ -62,10 +62,10 @@ class SpoolConfig:
     stable_age_s: float = 30.0
     min_free_mb: float = 500.0
     # Acknowledge once an instance is flushed to the ack journal (one fdatasync), the spool
-    # file and index row following in the background; false: spool file, folder and index
-    # are flushed before each acknowledgement. Both are durable; the journal is faster.
+    # file and index row following in the background; false: the spool file and its folder
+    # are flushed before each acknowledgement (two flushes). Both are durable.
     journal: bool = True
-    journal_segment_mb: int = 16  # journal segment size (zero-filled once); at most 16 segments
+    journal_segment_mb: int = 16  # journal segment size (preallocated, reused); at most 16 segments
 
 
 @dataclass

@@ -49,6 +49,8 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 SLOW_ACK_S = 2.0
 #: Acknowledged instances not yet in the spool and index beyond which an acknowledgement waits.
 MAX_BACKLOG = 64
+#: Journal records written to the spool and indexed per transaction at startup.
+REPLAY_BATCH = 64
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -177,16 +179,17 @@ class Ingest:
         if self.journal is None:
             return 0
         records = self.journal.records()
-        stored: list[StoredInstance] = []
+        received: list[_Received] = []
         for rec in records:
             try:
-                header = read_header(io.BytesIO(rec.payload))
+                received.append(_Received(rec.payload, read_header(io.BytesIO(rec.payload)), rec.source))
             except IngestRejected as exc:  # it was parsed before it was journaled: a damaged record
                 log.error("journal record %d cannot be read (%s); not replayed", rec.seq, exc)
-                continue
-            stored += self._apply([_Received(rec.payload, header, rec.source)])
+        stored: list[StoredInstance] = []
+        for i in range(0, len(received), REPLAY_BATCH):
+            stored += self._apply(received[i:i + REPLAY_BATCH])
         self.spool.sync(stored)  # durable in the spool before the records are dropped
-        self.journal.reset()
+        self.journal.reset(max((rec.seq for rec in records), default=0))
         if records:
             log.info("replayed %d journaled instance(s) into the spool", len(records))
         return len(records)

@@ -144,10 +144,18 @@ class AckJournal:
         found.sort(key=lambda r: r.seq)
         return found
 
-    def reset(self) -> None:
-        """Invalidate every record (they are replayed or durable elsewhere); all segments become free."""
+    def reset(self, last_seq: int | None = None) -> None:
+        """Invalidate every record (they are replayed or durable elsewhere); all segments become free.
+
+        ``last_seq``: the highest sequence number in use (found by scanning when not given at startup).
+        """
         with self._lock:
-            last = max((r.seq for r in self.records()), default=0)
+            if last_seq is not None:
+                last = last_seq
+            elif self._ready:
+                last = self._next_seq - 1
+            else:
+                last = max((r.seq for r in self.records()), default=0)
             for seg in self._segments:
                 self._invalidate(seg)
             self._free = list(self._segments)
