@@ -2,12 +2,16 @@
 
 Receivers (all on loopback, all writing every instance to disk):
 
-1. ``igtv-node serve`` (durable: write, fsync, rename, fsync dir, SQLite commit before each ack);
+1. ``igtv-node serve`` (durable: each instance is flushed to the ack journal before it is
+   acknowledged; spool file and index row follow, and are in place before the release is answered);
 2. pynetdicom's bundled app, ``python -m pynetdicom storescp`` (no fsync);
 3. dcmtk ``storescp`` (no fsync).
 
-Prints seconds, instances/s and MB/s per receiver (median of ``--repeat`` runs) and the ratios;
-``--json`` writes the numbers for ``run_all.py``.
+Each receiver is started fresh per run; the node is sent the study once it is idle (after
+``/health``, its worker process still spends a second or two importing the processing function).
+Prints seconds, instances/s and MB/s per receiver (median of ``--repeat`` runs) and the ratios,
+and the disk's flush latency before and after (it varies several-fold on a shared virtual disk,
+and the node's time with it); ``--json`` writes the numbers for ``run_all.py``.
 
 Usage::
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -56,6 +61,21 @@ def send(port: int, files: list[Path], aec: str) -> float:
     if res.returncode != 0:
         raise RuntimeError(f"storescu to port {port} failed ({res.returncode}): {res.stderr[-800:]}")
     return elapsed
+
+
+def flush_ms(folder: Path | None = None, n: int = 30) -> float:
+    """Median milliseconds to write and fsync a 512 kB file (the floor of one durable acknowledgement)."""
+    data = os.urandom(512 * 1024)
+    times = []
+    with tempfile.TemporaryDirectory(dir=folder) as d:
+        for i in range(n):
+            t = time.perf_counter()
+            with open(Path(d) / f"f{i}", "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            times.append((time.perf_counter() - t) * 1000)
+    return sorted(times)[n // 2]
 
 
 def raw_loopback(files: list[Path]) -> float:
@@ -109,8 +129,15 @@ class NodeReceiver(Receiver):
     name = "igtv-node (durable)"
     aec = "IGTV"
 
+    def __init__(self, journal: bool = True) -> None:
+        self.journal = journal
+        if not journal:
+            self.name = "igtv-node (durable, spool.journal = false)"
+
     def start(self, work: Path) -> int:
-        self.node = NodeProcess(work, stable_age_s=3600, log_level="WARNING").start()
+        self.node = NodeProcess(work, stable_age_s=3600, log_level="WARNING",
+                                extra_spool_toml="" if self.journal else "journal = false").start()
+        self.node.wait_idle()  # the worker process finishes its start-up imports first
         return self.node.port
 
     def stop(self) -> None:
@@ -145,19 +172,21 @@ class SubprocessReceiver(Receiver):
         return sum(1 for p in self.out.rglob("*") if p.is_file())
 
 
-def receivers() -> list[Receiver]:
+def receivers(no_journal: bool = False) -> list[Receiver]:
     return [
         NodeReceiver(),
+        *([NodeReceiver(journal=False)] if no_journal else []),
         SubprocessReceiver("pynetdicom storescp app",
                            [sys.executable, "-m", "pynetdicom", "storescp", "{port}", "-od", "{out}"]),
         SubprocessReceiver("dcmtk storescp", ["storescp", "-od", "{out}", "{port}"]),
     ]
 
 
-def run(files: list[Path], repeat: int, only: list[str] | None = None) -> dict:
+def run(files: list[Path], repeat: int, only: list[str] | None = None, no_journal: bool = False) -> dict:
     total_mb = sum(p.stat().st_size for p in files) / 1e6
     results: dict[str, dict] = {}
-    for rcv in receivers():
+    flush_before = flush_ms()
+    for rcv in receivers(no_journal):
         if only and not any(rcv.name.startswith(o) for o in only):
             continue
         times = []
@@ -179,13 +208,15 @@ def run(files: list[Path], repeat: int, only: list[str] | None = None) -> dict:
         results[rcv.name] = {"seconds": med, "runs": times, "instances_per_s": len(files) / med,
                              "mb_per_s": total_mb / med}
     return {"instances": len(files), "megabytes": total_mb, "raw_loopback_s": raw_loopback(files),
-            "receivers": results}
+            "flush_ms": [flush_before, flush_ms()], "receivers": results}
 
 
 def table(res: dict) -> str:
     node = res["receivers"].get("igtv-node (durable)", {}).get("seconds", float("nan"))
+    flush = res.get("flush_ms", [float("nan")] * 2)
     lines = [f"Study: {res['instances']} instances, {res['megabytes']:.1f} MB; raw loopback for the same bytes: "
-             f"{res['raw_loopback_s']:.3f} s.", "",
+             f"{res['raw_loopback_s']:.3f} s; disk write + fsync of 512 kB: {flush[0]:.1f} ms before, "
+             f"{flush[1]:.1f} ms after.", "",
              "| receiver | seconds (median) | instances/s | MB/s | node speed-up vs this |", "|---|---|---|---|---|"]
     for name, r in res["receivers"].items():
         lines.append(f"| {name} | {r['seconds']:.2f} | {r['instances_per_s']:.1f} | {r['mb_per_s']:.1f} | "
@@ -200,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", default="", help="comma-separated receiver name prefixes (e.g. igtv,pynetdicom)")
     ap.add_argument("--limit", type=int, default=0, help="send only the first N files (quick experiments)")
+    ap.add_argument("--no-journal", action="store_true",
+                    help="also measure the node with spool.journal = false (two flushes per acknowledgement)")
     args = ap.parse_args(argv)
     files = ensure_study(args.study)
     if args.limit:
         files = files[: args.limit]
     only = [o for o in args.only.split(",") if o]
-    res = run(files, args.repeat, only)
+    res = run(files, args.repeat, only, args.no_journal)
     print()
     print(table(res))
     if args.json:

@@ -92,6 +92,8 @@ class NodeProcess:
         ``NAME=AET@HOST:PORT`` strings.
     process_function:
         ``module:function`` run per study (default: the slow fake).
+    extra_listener_toml, extra_spool_toml:
+        Lines added to the ``[listener]`` and ``[spool]`` sections.
     extra_toml:
         Appended to the generated config (extra sections).
     """
@@ -104,6 +106,7 @@ class NodeProcess:
     ae_title: str = "IGTV"
     allow_aet: list[str] = field(default_factory=list)
     extra_listener_toml: str = ""
+    extra_spool_toml: str = ""
     extra_toml: str = ""
     log_level: str = "INFO"
     port: int = 0
@@ -136,6 +139,7 @@ port = {self.http_port}
 data_dir = "{self.data_dir}"
 stable_age_s = {self.stable_age_s}
 min_free_mb = 0
+{self.extra_spool_toml}
 [worker]
 workers = 1
 torch_threads = 1
@@ -211,6 +215,41 @@ timeout_s = 10
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def wait_idle(self, timeout: float = 30.0, busy_cpu_s: float = 0.05, window_s: float = 0.5) -> float:
+        """Wait until the node and its worker processes use under ``busy_cpu_s`` of CPU per ``window_s``.
+
+        After ``/health`` answers, the worker process is still importing the processing function
+        (torch for the real pipeline): a second or more of CPU that a node that has been up a while
+        does not spend. Returns the seconds waited.
+        """
+        import psutil
+
+        t0 = time.monotonic()
+
+        def cpu() -> float:
+            try:
+                procs = [psutil.Process(self.proc.pid)] if self.proc else []
+                procs += procs[0].children(recursive=True) if procs else []
+            except psutil.Error:
+                return 0.0
+            total = 0.0
+            for p in procs:
+                try:
+                    times = p.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    pass
+            return total
+
+        before = cpu()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(window_s)
+            now = cpu()
+            if now - before < busy_cpu_s:
+                break
+            before = now
+        return time.monotonic() - t0
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -26,37 +26,42 @@ import bench_load  # noqa: E402
 import bench_turnaround  # noqa: E402
 import crash_trials  # noqa: E402
 
-INGEST_NOTES = """Where the listener waited, and what changed (`pacs_node/dulguard.py`):
+INGEST_NOTES = """What the node does per instance, and what changed:
 
-- dcmtk >= 3.6.2 leaves Nagle's algorithm on, so the last partial TCP segment of every C-STORE
-  waits for the receiver's ACK, and Linux delays that ACK by up to 40 ms. With one message in
-  flight per association this, not the disk, bounded ingest: 94 PET instances took 5.8 s before
-  and 2.1 s after. The listener now re-arms `TCP_QUICKACK` after every read (and sets
-  `TCP_NODELAY` for its own responses), reads PDUs with `recv_into` instead of pynetdicom's
-  4 kB `recv` loop, and keeps the node's 256 kB maximum PDU (a 16 kB PDU, the pynetdicom and
-  dcmtk default, added about 4 ms of protocol time per 512 x 512 CT instance in our runs).
-- pynetdicom's 1 ms reactor sleeps (`DULServiceProvider._run_loop_delay`, the association
-  reactor's `time.sleep(0.001)`) cost about 1-3 ms per instance; lowering the DUL delay to 0.1 ms
-  made no measurable difference next to the disk, so it is left at the default.
-- What remains is durability: each acknowledged instance costs a file `fsync`, a directory
-  `fsync` after the rename, and a SQLite WAL commit (`synchronous=FULL`), about 10-16 ms on this
-  shared virtual disk (see "Machine"): about 4-5 s of the node's time for this study. The
-  pynetdicom app and dcmtk storescp do not fsync at all.
+- One flush per acknowledgement (`pacs_node/journal.py`, `pacs_node/materialiser.py`). Each
+  instance used to cost three flushes before its C-STORE response: the spool file's `fsync`,
+  its folder's `fsync` after the rename, and a SQLite WAL commit (`synchronous=FULL`). On this
+  shared virtual disk any flush costs the same, 1 ms when the host is quiet and 4 ms when it is
+  busy (printed with each run), so the node's time followed the disk. Now the instance is
+  appended to the ack journal (preallocated segments, reused; concurrent appends share a flush)
+  and `fdatasync`ed, then acknowledged; a background thread writes the spool file and the index
+  row moments later and flushes spool files once the burst is over; only then are the journal
+  records freed. The release of an association is answered once spool and index hold
+  everything acknowledged. The journal is replayed at startup after a crash; a new instance's
+  index commit no longer fsyncs (WAL, `synchronous=NORMAL`) and startup reconciliation
+  (`pacs_node/reconcile.py`) indexes any spool file the index lacks. `spool.journal = false`
+  flushes the spool file and its folder before each acknowledgement instead (two flushes;
+  `--no-journal` measures it).
+- No idle waits in pynetdicom's DUL reactor (`pacs_node/dulwake.py`): it slept 1 ms between
+  polls, so each C-STORE waited about 0.5 ms before it was read and its response 0.5 ms before
+  it was sent. It now waits in `select` on the socket and on a socket pair written when a
+  response is queued. The association reactor's own 1 ms poll (hard-coded in pynetdicom) is
+  left: 0.6 ms per instance.
+- Less CPU on the acknowledgement path: the File Meta Information is encoded directly
+  (`pacs_node/part10.py`, byte-identical to pynetdicom's), not through pydicom datasets.
+- Earlier: `TCP_QUICKACK` after every read (dcmtk leaves Nagle on, and Linux delayed each
+  message's last segment by up to 40 ms), `TCP_NODELAY`, `recv_into`, 256 kB maximum PDU
+  (`pacs_node/dulguard.py`). dcmtk storescu sends at most 128 kB PDUs: 4 data PDUs per CT slice.
+- The node is sent the study once it is idle: after `/health` its worker process spends
+  1-2 s of CPU importing the processing function, which the first measurement included.
+- Where a CT instance's 6-7 ms go now (quiet machine, in-process timeline): storescu's turn and
+  loopback 0.5 ms; reading 4 PDUs and reassembling the message in pynetdicom 1.2-1.5 ms; the
+  association reactor's poll 0.6-0.7 ms; our handler 2.2-2.5 ms (header parse 0.8, journal
+  write and `fdatasync` 1.0-1.3, checks and events 0.3); pynetdicom encoding and sending the
+  response 1.2-1.8 ms (the background thread competes for the interpreter lock here). All but
+  the flush is CPU in one Python process, so when other work loads the 2 cores the node slows
+  more than pynetdicom's app, whose time is mostly sleeps.
 """
-
-
-def _fsync_ms(folder: Path, n: int = 30) -> float:
-    """Median milliseconds to write and fsync a 512 kB file here (the durable-ack floor)."""
-    data = os.urandom(512 * 1024)
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        with open(folder / f"f{i}", "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        times.append((time.perf_counter() - t) * 1000)
-    return sorted(times)[n // 2]
 
 
 def machine() -> str:
@@ -68,8 +73,7 @@ def machine() -> str:
     import pydicom
     import pynetdicom
 
-    with tempfile.TemporaryDirectory() as d:
-        fsync = _fsync_ms(Path(d))
+    fsync = bench_ingest.flush_ms()
     return (f"- CPU: {cpu}, {os.cpu_count()} cores (shared with other work while measuring)\n"
             f"- memory: {int(mem) / 1024 / 1024:.1f} GiB; python {platform.python_version()}, "
             f"pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
@@ -89,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[str] = []
 
     print("ingest ...", flush=True)
-    ingest = bench_ingest.run(files, args.ingest_repeat)
+    ingest = bench_ingest.run(files, args.ingest_repeat, no_journal=True)
     sections += ["## Ingest (dcmtk storescu, one association, loopback)", "",
-                 f"`PYTHONPATH=. python benchmarks/bench_ingest.py --repeat {args.ingest_repeat}`", "",
+                 f"`PYTHONPATH=. python benchmarks/bench_ingest.py --repeat {args.ingest_repeat} --no-journal`", "",
                  bench_ingest.table(ingest), "", INGEST_NOTES]
 
     print("turnaround ...", flush=True)

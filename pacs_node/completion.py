@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from pacs_node.index import Index
 from pacs_node.jobs import JobQueue
@@ -27,16 +27,18 @@ def missing_modalities(modalities: list[str]) -> list[str]:
     return missing
 
 
-def scan_once(index: Index, jobs: JobQueue, stable_age_s: float, now: float | None = None) -> list[str]:
+def scan_once(index: Index, jobs: JobQueue, stable_age_s: float, now: float | None = None,
+              receiving: Collection[str] = ()) -> list[str]:
     """Queue a job for every study that settled since its last job; return their UIDs.
 
     A settled study without PET or CT gets a failed job whose reason says what
-    is missing; a late series re-opens it (its generation rises again).
+    is missing; a late series re-opens it (its generation rises again). Studies in
+    ``receiving`` have acknowledged instances not in the index yet: they wait.
     """
     now = time.time() if now is None else now
     queued: list[str] = []
     for row in index.pending_studies():
-        if now - row["last_received"] < stable_age_s:
+        if now - row["last_received"] < stable_age_s or row["study_uid"] in receiving:
             continue
         study = index.study(row["study_uid"])
         if study is None:  # pragma: no cover - rows are never deleted
@@ -62,11 +64,13 @@ class CompletionScanner:
     """Background thread calling :func:`scan_once` periodically."""
 
     def __init__(self, index: Index, jobs: JobQueue, stable_age_s: float,
-                 on_queued: Callable[[], None] | None = None) -> None:
+                 on_queued: Callable[[], None] | None = None,
+                 receiving: Callable[[], Collection[str]] = frozenset) -> None:
         self.index = index
         self.jobs = jobs
         self.stable_age_s = float(stable_age_s)
         self.on_queued = on_queued
+        self.receiving = receiving  # studies with acknowledged instances not yet indexed
         self.interval = min(1.0, max(0.1, self.stable_age_s / 4))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,7 +87,8 @@ class CompletionScanner:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if scan_once(self.index, self.jobs, self.stable_age_s) and self.on_queued:
+                if scan_once(self.index, self.jobs, self.stable_age_s,
+                             receiving=self.receiving()) and self.on_queued:
                     self.on_queued()
             except Exception:
                 log.exception("completion scan failed")

@@ -61,6 +61,11 @@ class SpoolConfig:
     data_dir: Path = Path("./igtv-data")
     stable_age_s: float = 30.0
     min_free_mb: float = 500.0
+    # Acknowledge once an instance is flushed to the ack journal (one fdatasync), the spool
+    # file and index row following in the background; false: the spool file and its folder
+    # are flushed before each acknowledgement (two flushes). Both are durable.
+    journal: bool = True
+    journal_segment_mb: int = 16  # journal segment size (preallocated, reused); at most 16 segments
 
 
 @dataclass
@@ -194,6 +199,8 @@ def validate_config(cfg: NodeConfig) -> None:
             raise ConfigError(f"listener.allow_aet entry {aet!r} is not a valid AE title")
     if cfg.spool.stable_age_s < 0:
         raise ConfigError("spool.stable_age_s must be >= 0")
+    if not 1 <= cfg.spool.journal_segment_mb <= 1024:
+        raise ConfigError("spool.journal_segment_mb must be between 1 and 1024")
     if cfg.listener.tls.enabled and not (cfg.listener.tls.cert and cfg.listener.tls.key):
         raise ConfigError("listener.tls.enabled needs listener.tls.cert and listener.tls.key")
     if cfg.processing.register not in {"auto", "always", "never"}:

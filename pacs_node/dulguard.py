@@ -10,7 +10,9 @@ connection:
   PDU ends the association instead of hanging it;
 * refuses a PDU whose declared length exceeds our maximum PDU (the peer agreed to it
   at association) or a DIMSE data set larger than the instance limit, before reading
-  it: the connection is closed (pynetdicom's "transport closed" path), nothing is acked.
+  it: the connection is closed (pynetdicom's "transport closed" path), nothing is acked;
+* is a :class:`~pacs_node.dulwake.WakeableSocket`: the DUL reactor waits on it for data
+  or a queued response instead of sleeping 1 ms between polls.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import RequestHandler
+
+from pacs_node.dulwake import WakeableSocket
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,8 @@ class PeerLimitError(OSError):
     """The peer sent more than the node accepts; the connection is dropped."""
 
 
-class GuardedSocket(AssociationSocket):
-    """An :class:`AssociationSocket` that checks PDU lengths and data-set sizes as it reads."""
+class GuardedSocket(WakeableSocket):
+    """An association socket that checks PDU lengths and data-set sizes as it reads."""
 
     max_pdu_body: int = MIN_PDU_LIMIT
     max_message: int = 0  # 0: no limit on one DIMSE data set
@@ -53,7 +57,8 @@ class GuardedSocket(AssociationSocket):
             raise PeerLimitError(f"PDU of {nr_bytes} bytes exceeds the limit")
         data = self._recv_exact(nr_bytes)
         if header is not None and header[0] == 0x04 and self.max_message:
-            self._count_pdvs(bytes(data))
+            with memoryview(data) as view:
+                self._count_pdvs(view)
         return data
 
     def _recv_exact(self, nr_bytes: int) -> bytearray:
@@ -82,11 +87,11 @@ class GuardedSocket(AssociationSocket):
             view.release()
         return buf
 
-    def _count_pdvs(self, body: bytes) -> None:
+    def _count_pdvs(self, body: bytes | memoryview) -> None:
         """Sum data-set fragment bytes of the current message; refuse once above ``max_message``."""
         pos = 0
         while pos + 6 <= len(body):
-            (length,) = struct.unpack(">L", body[pos:pos + 4])
+            (length,) = struct.unpack_from(">L", body, pos)
             control = body[pos + 5]
             if not control & 0x01:  # a data set fragment
                 self._message_bytes += max(0, length - 2)
@@ -120,11 +125,12 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
-        sock.__class__ = GuardedSocket
+        assoc.dul.socket.__class__ = GuardedSocket
+        sock = cast(GuardedSocket, assoc.dul.socket)
         limits = getattr(self.server, "igtv_limits", {})
         sock.max_pdu_body = max(int(limits.get("max_pdu") or 0), MIN_PDU_LIMIT)
         sock.max_message = int(limits.get("max_message") or 0)
+        sock.attach_wakeup(assoc)
         timeout = limits.get("timeout")
         if sock.socket is not None:
             if timeout:

@@ -1,7 +1,12 @@
 """SQLite index of received instances, series, studies, jobs and exports.
 
-WAL journal, ``synchronous=FULL`` (a committed row survives power loss), one
-connection per thread. The schema version lives in ``PRAGMA user_version``.
+WAL journal, one connection per thread. Commits are ``synchronous=FULL`` (the
+WAL is fsynced: a committed row survives power loss), except the one that adds
+an instance the index did not know: it is ``NORMAL`` (no fsync; it survives a
+crash of the process, and the next FULL commit or checkpoint makes it durable).
+That row can be rebuilt: the instance's spool file was fsynced before the
+commit, and :mod:`pacs_node.reconcile` indexes spooled files the index lacks
+at startup. The schema version lives in ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +138,7 @@ class Index:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: dict[threading.Thread, sqlite3.Connection] = {}
         self._all_lock = threading.Lock()
         self._write_lock = threading.RLock()
         con = self.connection()
@@ -158,14 +163,37 @@ class Index:
             con.execute("PRAGMA synchronous=FULL")
             con.execute("PRAGMA foreign_keys=ON")
             self._local.con = con
+            self._local.sync = "FULL"
             with self._all_lock:
-                self._all.append(con)
+                self._close_orphans()
+                self._all[threading.current_thread()] = con
         return con
 
+    def _close_orphans(self) -> None:
+        """Close the connections of threads that ended (one per finished association or request)."""
+        for thread in [t for t in self._all if not t.is_alive()]:
+            try:
+                self._all.pop(thread).close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A serialised write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+    def write(self, sync: str = "FULL") -> Iterator[sqlite3.Connection]:
+        """A serialised write transaction (BEGIN IMMEDIATE ... COMMIT).
+
+        Parameters
+        ----------
+        sync:
+            ``FULL``: the commit fsyncs the WAL (survives power loss). ``NORMAL``:
+            no fsync (survives a crash of the process only); use it only for rows
+            that can be rebuilt from durable data.
+        """
+        if sync not in ("FULL", "NORMAL"):
+            raise ValueError(f"sync must be FULL or NORMAL, not {sync!r}")
         con = self.connection()
+        if self._local.sync != sync:  # a pragma, not allowed inside a transaction
+            con.execute(f"PRAGMA synchronous={sync}")
+            self._local.sync = sync
         with self._write_lock:
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -182,7 +210,7 @@ class Index:
     def close(self) -> None:
         """Close every connection opened by any thread."""
         with self._all_lock:
-            for con in self._all:
+            for con in self._all.values():
                 try:
                     con.close()
                 except sqlite3.Error:  # pragma: no cover
@@ -198,41 +226,73 @@ class Index:
         ``last_received`` so the study is processed again after it settles; an
         identical resend (``changed=False``, not new) leaves the study as it is,
         so routing loops between a PACS and the node die out.
+
+        The commit of an instance new to the index, or of an identical resend, is
+        not fsynced (``NORMAL``): the caller has made the spool file durable, and
+        startup reconciliation (:func:`pacs_node.reconcile.reconcile_spool`) indexes
+        it again should a power loss take the row. A changed instance the index
+        already knew bumps the study's generation, which reconciliation cannot
+        see, so that commit is ``FULL``.
         """
+        return self.record_instances([(rec, changed)], now)[0]
+
+    def record_instances(self, items: Sequence[tuple[InstanceRecord, bool]], now: float | None = None) -> list[bool]:
+        """Record several stored instances (``(record, changed)``) in one transaction, in order.
+
+        Each as :meth:`record_instance` would; returns which were new. The commit
+        is ``FULL`` when any of them is a changed instance the index already knew.
+        """
+        if not items:
+            return []
         now = time.time() if now is None else now
-        with self.write() as con:
-            existing = con.execute("SELECT sop_uid FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
-            con.execute(
-                "INSERT INTO studies(study_uid, patient_hash, study_date, first_received, last_received) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(study_uid) DO NOTHING",
-                (rec.study_uid, rec.patient_hash, rec.study_date, now, now),
-            )
-            con.execute(
-                "INSERT INTO series(series_uid, study_uid, modality, description, last_received) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
-                (rec.series_uid, rec.study_uid, rec.modality, rec.series_description, now),
-            )
-            con.execute(
-                "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path, "
-                "size, received_at, source) VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET "
-                "path=excluded.path, size=excluded.size, received_at=excluded.received_at, "
-                "transfer_syntax=excluded.transfer_syntax, source=excluded.source",
-                (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
-                 rec.path, rec.size, now, rec.source),
-            )
-            new = existing is None
-            if not new and not changed:
-                return False
-            con.execute(
-                "UPDATE studies SET last_received=?, generation=generation+1, state='receiving', reason=NULL, "
-                "instance_count=instance_count+?, bytes=bytes+? WHERE study_uid=?",
-                (now, 1 if new else 0, rec.size if new else 0, rec.study_uid),
-            )
-            if new:
-                con.execute(
-                    "UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?", (rec.series_uid,)
-                )
+        con = self.connection()
+        known = {r[0] for r in con.execute(
+            f"SELECT sop_uid FROM instances WHERE sop_uid IN ({','.join('?' * len(items))})",
+            [rec.sop_uid for rec, _ in items])}
+        full = any(rec.sop_uid in known and changed for rec, changed in items)
+        news: list[bool] = []
+        with self.write(sync="FULL" if full else "NORMAL") as con:
+            for rec, changed in items:
+                news.append(self._record(con, rec, changed, now))
+        return news
+
+    @staticmethod
+    def _record(con: sqlite3.Connection, rec: InstanceRecord, changed: bool, now: float) -> bool:
+        """The statements of one instance inside a write transaction; True when it is new."""
+        existing = con.execute("SELECT sop_uid FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+        con.execute(
+            "INSERT INTO studies(study_uid, patient_hash, study_date, first_received, last_received) "
+            "VALUES(?,?,?,?,?) ON CONFLICT(study_uid) DO NOTHING",
+            (rec.study_uid, rec.patient_hash, rec.study_date, now, now),
+        )
+        con.execute(
+            "INSERT INTO series(series_uid, study_uid, modality, description, last_received) "
+            "VALUES(?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
+            (rec.series_uid, rec.study_uid, rec.modality, rec.series_description, now),
+        )
+        con.execute(
+            "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path, "
+            "size, received_at, source) VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET "
+            "path=excluded.path, size=excluded.size, received_at=excluded.received_at, "
+            "transfer_syntax=excluded.transfer_syntax, source=excluded.source",
+            (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
+             rec.path, rec.size, now, rec.source),
+        )
+        new = existing is None
+        if not new and not changed:
+            return False
+        con.execute(
+            "UPDATE studies SET last_received=?, generation=generation+1, state='receiving', reason=NULL, "
+            "instance_count=instance_count+?, bytes=bytes+? WHERE study_uid=?",
+            (now, 1 if new else 0, rec.size if new else 0, rec.study_uid),
+        )
+        if new:
+            con.execute("UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?", (rec.series_uid,))
         return new
+
+    def known_sop_uids(self) -> set[str]:
+        """SOP Instance UIDs of every indexed instance."""
+        return {row[0] for row in self.connection().execute("SELECT sop_uid FROM instances")}
 
     def study_instance_count(self, study_uid: str) -> int:
         """Number of distinct instances of a study."""

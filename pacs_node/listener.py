@@ -1,4 +1,9 @@
-"""DIMSE listener: Verification and Storage SCP that acknowledges only what is on disk."""
+"""DIMSE listener: Verification and Storage SCP that acknowledges only what is on disk.
+
+A release request is answered once every acknowledged instance is in the spool and
+the index (:meth:`~pacs_node.ingest.Ingest.flush`), so a sender that sees its
+association end finds its study there.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -22,6 +28,7 @@ from pynetdicom.sop_class import (
 from pacs_node.config import ListenerConfig
 from pacs_node.dulguard import guard_server
 from pacs_node.ingest import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Ingest, IngestRejected
+from pacs_node.part10 import received_part10
 from pacs_node.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,7 @@ class Listener:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
             *(extra_handlers or []),
@@ -112,7 +120,7 @@ class Listener:
     def _on_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            self.ingest.store(event.encoded_dataset(), source=f"dimse:{calling}")
+            self.ingest.store(received_part10(event), source=f"dimse:{calling}")
         except IngestRejected as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, exc.status, exc)
             return exc.status
@@ -120,6 +128,13 @@ class Listener:
             log.exception("C-STORE from %s failed", calling)
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
+
+    def _on_acse_recv(self, event: Any) -> None:
+        """Before a release is answered, what this association stored is in the spool and the index."""
+        primitive = event.primitive
+        if isinstance(primitive, A_RELEASE) and primitive.result is None and not self.ingest.flush(this_thread=True):
+            log.warning("association released before every acknowledged instance reached the spool "
+                        "(they are safe in the ack journal)")
 
     def _peer(self, event: Any) -> dict[str, str]:
         rq = event.assoc.requestor

@@ -17,9 +17,11 @@ from pacs_node.http import HttpServer, Response, Router
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
 from pacs_node.jobs import JobQueue
+from pacs_node.journal import AckJournal
 from pacs_node.listener import STORAGE_SOP_CLASSES, Listener
 from pacs_node.metrics import NodeMetrics
 from pacs_node.observability import NodeObserver
+from pacs_node.reconcile import reconcile_spool
 from pacs_node.spool import Spool
 from pacs_node.stow import StowService
 from pacs_node.worker import WorkerPool
@@ -55,7 +57,12 @@ class NodeServer:
             max_instance_bytes=int(cfg.listener.max_instance_mb * 1024 * 1024),
             max_instances_per_study=cfg.listener.max_instances_per_study, events=self.events,
             sop_classes=[str(c) for c in STORAGE_SOP_CLASSES],
+            journal=AckJournal(data / "journal", segment_bytes=cfg.spool.journal_segment_mb << 20)
+            if cfg.spool.journal else None,
         )
+        # before anything listens: what a crash left in the journal, then rows a power loss took
+        self.ingest.replay_journal()
+        reconcile_spool(self.spool, self.index)
         self.listener = Listener(cfg.listener, self.ingest)
         self.router = Router()
         StowService(self.ingest).register(self.router)
@@ -72,7 +79,7 @@ class NodeServer:
             torch_threads=cfg.worker.torch_threads, on_processed=self.exporter.wake, events=self.events,
         )
         self.completion = CompletionScanner(self.index, self.jobs, cfg.spool.stable_age_s,
-                                            on_queued=self.workers.wake)
+                                            on_queued=self.workers.wake, receiving=self.ingest.unapplied_studies)
         Dashboard(
             self.index, self.jobs, destinations=[d.name for d in cfg.export.destinations],
             node_name=cfg.listener.ae_title, audit_path=self.audit.path, metrics=self.metrics,
@@ -98,6 +105,7 @@ class NodeServer:
 
     def start(self) -> None:
         """Start workers, exporter, completion scanner, then the listeners."""
+        self.ingest.start()
         self.workers.start()
         self.exporter.start()
         self.completion.start()
@@ -112,7 +120,7 @@ class NodeServer:
         if not self._started:
             return
         self._started = False
-        for part in (self.listener, self.http, self.completion, self.workers, self.exporter):
+        for part in (self.listener, self.http, self.ingest, self.completion, self.workers, self.exporter):
             try:
                 part.stop()
             except Exception:

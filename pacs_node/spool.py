@@ -6,8 +6,10 @@ Layout under ``data_dir``::
     spool/.tmp/                                         partial writes (same file system)
     quarantine/<StudyUID>/...  + REASON.txt             inputs of failed jobs (never deleted)
 
-A write is durable before it is acknowledged: temporary file, ``fsync``,
-``rename`` into place, ``fsync`` of the directory.
+A durable write (the default) is: temporary file, ``fsync``, ``rename`` into
+place, ``fsync`` of the directory. With the ack journal the instance is already
+durable in the journal, so the materialiser writes without flushing and makes a
+whole batch durable with :meth:`Spool.sync` before the journal records are freed.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import IgtvError
-from pipeline.uids import validate_uid
+from pipeline.uids import is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class StoredInstance:
     duplicate: bool
     size: int
     changed: bool = True  # False: an identical copy was already stored (nothing written)
+    new_dirs: tuple[Path, ...] = ()  # folders this write created (their parents need an fsync)
 
 
 def _free_mb(path: Path) -> float:
@@ -116,6 +119,19 @@ class Spool:
         d = self.study_dir(study_uid)
         return sorted(d.rglob("*.dcm")) if d.is_dir() else []
 
+    def instance_files(self) -> Iterator[tuple[str, str, Path]]:
+        """Every ``(study UID, series UID, path)`` of an instance file in the spool.
+
+        Only ``<study>/<series>/<sop>.dcm`` entries whose folder names are valid
+        UIDs are listed; partial writes in ``.tmp`` are not.
+        """
+        for study in _subdirs(self.root):
+            for series in _subdirs(study):
+                with os.scandir(series) as entries:
+                    for entry in entries:
+                        if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
+                            yield study.name, series.name, Path(entry.path)
+
     def free_mb(self) -> float:
         """Free megabytes on the spool's file system."""
         return self._free_mb(self.root)
@@ -130,19 +146,22 @@ class Spool:
             )
 
     # -- writing --------------------------------------------------------------
-    def store(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
-        """Write one instance durably; return once it is on disk.
+    def store(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str,
+              durable: bool = True) -> StoredInstance:
+        """Write one instance; with ``durable`` (the default) return once it is on disk.
 
         An identical copy already in the spool is left as it is (idempotent);
         a different instance with the same SOP Instance UID replaces it
         atomically (the sender may resend a corrected version). Both are
-        reported as duplicates.
+        reported as duplicates. ``durable=False`` skips every ``fsync``: the
+        caller holds a durable copy elsewhere and calls :meth:`sync` later.
         """
         final = self.instance_path(study_uid, series_uid, sop_uid)
         duplicate = final.exists()
         if duplicate and final.stat().st_size == len(data) and final.read_bytes() == data:
             return StoredInstance(path=final, duplicate=True, size=len(data), changed=False)
-        self.check_space(len(data))
+        if durable:  # a journaled instance passed this check when it was acknowledged
+            self.check_space(len(data))
         new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
@@ -150,7 +169,8 @@ class Spool:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp_name, final)
         except BaseException:
             try:
@@ -158,10 +178,27 @@ class Spool:
             except OSError:
                 pass
             raise
-        fsync_dir(final.parent)
-        for d in new_dirs:  # make the new directory entries themselves durable
-            fsync_dir(d.parent)
-        return StoredInstance(path=final, duplicate=duplicate, size=len(data))
+        stored = StoredInstance(path=final, duplicate=duplicate, size=len(data), new_dirs=tuple(new_dirs))
+        if durable:
+            _sync_dirs([stored])
+        return stored
+
+    def sync(self, stored: Sequence[StoredInstance]) -> None:
+        """Make instances written with ``durable=False`` durable: ``fsync`` each file, then the folders.
+
+        Unchanged ones too (an identical copy found by a replay may be in memory only).
+        A file moved away meanwhile (quarantine) is skipped.
+        """
+        for inst in stored:
+            try:
+                fd = os.open(inst.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dirs(stored)
 
     # -- quarantine -------------------------------------------------------------
     def quarantine(self, study_uid: str, reason: str) -> Path:
@@ -196,6 +233,23 @@ class Spool:
         moved = _merge_move(src, self.study_dir(study_uid), skip={"REASON.txt"})
         fsync_dir(self.root)
         return moved
+
+
+def _sync_dirs(stored: Sequence[StoredInstance]) -> None:
+    """``fsync`` each instance's folder and the parents of folders the writes created, once each."""
+    folders = dict.fromkeys([s.path.parent for s in stored] + [d.parent for s in stored for d in s.new_dirs])
+    for folder in folders:
+        try:
+            fsync_dir(folder)
+        except FileNotFoundError:  # moved away meanwhile (quarantine)
+            continue
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` named like UIDs, sorted (``.tmp`` and strays are skipped)."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    return [folder / n for n in names if is_valid_uid(n)]
 
 
 def _merge_move(src: Path, dst: Path, skip: set[str] | None = None) -> int:

@@ -104,6 +104,8 @@ class StowService:
                 "00081155": _elem("UI", res.sop_uid),
                 "00081190": _elem("UR", f"{base}/studies/{res.study_uid}/series/{res.series_uid}/instances/{res.sop_uid}"),
             })
+        if referenced:  # the response follows once the stored parts are in the spool and the index
+            self.ingest.flush(this_thread=True)
         doc: dict = {}
         if expected:
             doc["00081190"] = _elem("UR", f"{base}/studies/{expected}")

@@ -383,6 +383,7 @@ def node_config(data_dir: Path, **overrides):
     cfg.spool.data_dir = data_dir
     cfg.spool.stable_age_s = 1.0
     cfg.spool.min_free_mb = 0
+    cfg.spool.journal_segment_mb = 2  # tiny test studies: small journal segments
     cfg.worker.process_function = "nodetest_helpers:fake_process"
     cfg.export.backoff_initial_s = 0.5
     cfg.export.timeout_s = 10

@@ -73,7 +73,7 @@ def test_no_ack_when_the_index_write_fails(tmp_path, listener, monkeypatch):
     def broken(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(index, "record_instance", broken)
+    monkeypatch.setattr(index, "record_instances", broken)
     study = make_study(tmp_path / "s", n_ct=1, n_pet=0)
     assert scu_store_status(listener.port, study.ct_files[0]) == STATUS_OUT_OF_RESOURCES
     monkeypatch.undo()
