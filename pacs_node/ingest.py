@@ -284,9 +284,14 @@ class Ingest:
             )
         header = read_header(io.BytesIO(part10))
         study, sop = header.study_uid, header.sop_uid
+        if not header.sop_class_uid:
+            raise IngestRejected(
+                "the data set has no SOP Class UID (0008,0016): not a storable instance (truncated, or not DICOM?)",
+                STATUS_CANNOT_UNDERSTAND,
+            )
         if self.sop_classes is not None and header.sop_class_uid not in self.sop_classes:
             raise IngestRejected(
-                f"SOP class {header.sop_class_uid or '(none)'} is not accepted by this node (CT, PET, SEG, RTSTRUCT)",
+                f"SOP class {header.sop_class_uid} is not accepted by this node (CT, PET, SEG, RTSTRUCT)",
                 STATUS_SOP_CLASS_NOT_SUPPORTED,
             )
         if header.meta_sop_uid and sop and header.meta_sop_uid != sop:

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pacs_node import spool as spool_mod
 from pacs_node.index import Index
 from pacs_node.ingest import (
+    STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
     Ingest,
@@ -124,6 +125,21 @@ def test_garbage_is_refused(store):
     with pytest.raises(IngestRejected) as exc:
         ingest.store(b"\x00" * 128 + b"DICM" + b"\xff" * 50, source="t")
     assert exc.value.status in (0xC000, STATUS_DATASET_MISMATCH)
+
+
+def test_instance_without_sop_class_is_refused_as_unreadable(tmp_path, store):
+    import io
+
+    spool, index, ingest = store
+    study = make_study(tmp_path / "s", n_ct=1, n_pet=0)
+    ds = dcmread(study.ct_files[0])
+    del ds.SOPClassUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    with pytest.raises(IngestRejected, match=r"no SOP Class UID \(0008,0016\)") as exc:
+        ingest.store(buf.getvalue(), source="t")
+    assert exc.value.status == STATUS_CANNOT_UNDERSTAND
+    assert index.study(study.study_uid) is None
 
 
 def test_quarantine_moves_and_restore_brings_back(tmp_path, store):
