@@ -86,23 +86,34 @@ class Predictor:
     def _predict_once(self, inputs: np.ndarray, batch_size: int) -> np.ndarray:
         k = self.preprocessing.slices
         n = inputs.shape[0]
-        out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
         layout = shared_plane_layout(inputs) if k > 1 and n > 1 else None
+        if layout is not None:
+            return predict_planes(self.network, *layout, batch_size=batch_size, device=self.device)
+        out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
         with torch.inference_mode():
-            if layout is not None:
-                planes, index = layout
-                for s in range(0, n, batch_size):
-                    idx = index[s : s + batch_size]
-                    lo, hi = int(idx.min()), int(idx.max()) + 1
-                    x = torch.from_numpy(np.ascontiguousarray(planes[lo:hi], dtype=np.float32))
-                    logits = self.network.forward_planes(x.to(self.device), torch.from_numpy(idx - lo).to(self.device))
-                    out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
-                return out
             for s in range(0, n, batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(inputs[s : s + batch_size], dtype=np.float32))
                 logits = self.network(x.to(self.device))
                 out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
         return out
+
+
+def predict_planes(network: nn.Module, planes: np.ndarray, index: np.ndarray, batch_size: int = 8,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Centre-slice probabilities (N, H, W) of stacks given as shared planes.
+
+    ``planes`` is (M, 2, H, W); row ``i`` of ``index`` (N, K) lists the planes of stack
+    ``i``. Each plane in a batch is encoded once however many stacks use it.
+    """
+    out = np.empty((len(index),) + planes.shape[2:], dtype=np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(index), batch_size):
+            idx = index[s : s + batch_size]
+            lo, hi = int(idx.min()), int(idx.max()) + 1
+            x = torch.from_numpy(np.ascontiguousarray(planes[lo:hi], dtype=np.float32))
+            logits = network.forward_planes(x.to(device), torch.from_numpy(idx - lo).to(device))
+            out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+    return out
 
 
 def shared_plane_layout(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

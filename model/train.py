@@ -221,13 +221,11 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) 
 
 def predict_study(model: nn.Module, study: StudySamples, batch_size: int = 16) -> np.ndarray:
     """Probabilities (N, H, W) of every stack of ``study`` over the whole crop."""
-    dev = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(study.labels), batch_size):
-            xs = np.stack([study.stack(i) for i in range(s, min(s + batch_size, len(study.labels)))])
-            out.append(torch.sigmoid(model(torch.from_numpy(xs).to(dev))[:, 0]).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,) + study.labels.shape[1:], np.float32)
+    from model.predict import predict_planes
+
+    n = len(study.labels)
+    index = np.arange(n)[:, None] + np.arange(study.k)[None]  # stack i = planes i .. i+K-1
+    return predict_planes(model, study.planes, index, batch_size, next(model.parameters()).device)
 
 
 def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig) -> dict[str, float]:
