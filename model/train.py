@@ -101,6 +101,14 @@ class TrainConfig:
     misregister_px: float = 2.0
     device: str = "cpu"
     prefetch: int = 4
+    # "batch": one soft Dice over the whole batch; "sample": the mean of each target patch's
+    # own soft Dice, so a small tumour weighs as much as a large one
+    dice: str = "batch"
+    # every this many epochs, predict the training studies and draw part of the hard
+    # negatives at the model's own false positives (0 = off)
+    mine_every: int = 0
+    mined_fraction: float = 0.5
+    mine_threshold: float = 0.5
 
 
 def seed_everything(seed: int) -> None:
@@ -128,11 +136,19 @@ def _crop(arr: np.ndarray, cy: int, cx: int, size: int, fill: float) -> np.ndarr
 class PatchSampler:
     """Draws (input, label) patches from studies with a fixed random generator."""
 
-    def __init__(self, studies: Sequence[StudySamples], cfg: TrainConfig, rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        studies: Sequence[StudySamples],
+        cfg: TrainConfig,
+        rng: np.random.Generator,
+        mined: Sequence[np.ndarray] | None = None,
+    ) -> None:
         self.studies = list(studies)
         self.cfg = cfg
         self.rng = rng
         self.positive = [np.flatnonzero(s.labels.reshape(len(s.labels), -1).any(1)) for s in self.studies]
+        self.mined = list(mined) if mined is not None else None
+        self.with_mined = [i for i, m in enumerate(self.mined or []) if len(m)]
 
     def _fill(self) -> np.ndarray:
         return np.array([0.0, -1.0], dtype=np.float32)  # PET 0, CT air
@@ -151,6 +167,10 @@ class PatchSampler:
             jitter = cfg.patch // 3
             cy = int(ys[j] + rng.integers(-jitter, jitter + 1))
             cx = int(xs[j] + rng.integers(-jitter, jitter + 1))
+        elif r < cfg.target_fraction + cfg.hard_negative_fraction and self._use_mined():
+            si = int(rng.choice(self.with_mined))
+            s = self.studies[si]
+            i, cy, cx = (int(v) for v in self.mined[si][int(rng.integers(len(self.mined[si])))])
         elif r < cfg.target_fraction + cfg.hard_negative_fraction:
             i = int(rng.integers(n))
             pet = s.planes[i + s.k // 2, 0].astype(np.float32)
@@ -169,6 +189,12 @@ class PatchSampler:
         xp = xp.astype(np.float32, copy=False)
         yp = _crop(s.labels[i].astype(np.float32), cy, cx, cfg.patch, 0.0)
         return xp, yp
+
+    def _use_mined(self) -> bool:
+        """Whether this hard negative comes from the mined false positives (draws only when mining)."""
+        if self.mined is None:
+            return False
+        return bool(self.with_mined) and bool(self.rng.random() < self.cfg.mined_fraction)
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.draw() for _ in range(size)), strict=False)
@@ -208,11 +234,23 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """BCE plus soft Dice over the batch (smoothed so target-free batches stay finite)."""
+    """BCE plus soft Dice, over the batch or per target patch (``cfg.dice``).
+
+    Batch Dice is smoothed so target-free batches stay finite; sample Dice averages
+    only the patches that contain target (BCE alone covers the others).
+    """
     bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
-    inter = (p * target).sum()
-    soft_dice = 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+    if cfg.dice == "sample":
+        dims = tuple(range(1, p.ndim))
+        truth = target.sum(dims)
+        per_patch = 1 - (2 * (p * target).sum(dims) + 1) / (p.sum(dims) + truth + 1)
+        has_target = (truth > 0).to(p.dtype)
+        soft_dice = (per_patch * has_target).sum() / has_target.sum().clamp(min=1)
+    elif cfg.dice == "batch":
+        soft_dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    else:
+        raise ValueError(f"unknown Dice mode {cfg.dice!r}; choose batch or sample")
     return cfg.bce_weight * bce + cfg.dice_weight * soft_dice
 
 
@@ -239,6 +277,55 @@ def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig
     model.eval()
     scores = [dice(predict_study(model, s) >= 0.5, s.labels > 0) for s in studies]
     return {"val_dice": float(np.mean(scores)) if scores else float("nan"), "val_cases": len(scores)}
+
+
+def mine_false_positives(
+    model: nn.Module,
+    studies: Sequence[StudySamples],
+    threshold: float = 0.5,
+    margin_px: int = 4,
+    limit: int = 4096,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Model-grid pixels each study's prediction calls target although they are not.
+
+    Pixels within ``margin_px`` of the target in their slice are not counted (a
+    boundary error is not a false positive). At most ``limit`` pixels per study are
+    kept, chosen at random with ``seed``.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One (n, 3) int32 array of (stack, row, column) per study.
+    """
+    model.eval()
+    rng = np.random.default_rng(seed)
+    mined = []
+    for s in studies:
+        probs = predict_study(model, s)
+        near = torch.from_numpy((s.labels > 0).astype(np.float32))[:, None]
+        near = F.max_pool2d(near, 2 * margin_px + 1, stride=1, padding=margin_px)[:, 0].numpy() > 0
+        found = np.argwhere((probs >= threshold) & ~near).astype(np.int32)
+        if len(found) > limit:
+            found = found[np.sort(rng.choice(len(found), limit, replace=False))]
+        mined.append(found)
+    return mined
+
+
+def _mined_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".mined.npz")
+
+
+def _save_mined(path: Path, mined: Sequence[np.ndarray]) -> None:
+    np.savez(path, **{f"study{i}": m for i, m in enumerate(mined)})
+
+
+def _load_mined(path: Path, count: int) -> list[np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        mined = [data[f"study{i}"] for i in range(count) if f"study{i}" in data]
+    return mined if len(mined) == count else None
 
 
 class BatchPrefetcher:
@@ -436,6 +523,7 @@ def train_model(
     }
     log.info("training %d parameters (%d trainable) on %d studies, validating on %d",
              count_parameters(model), sum(p.numel() for p in params), len(train), len(val))
+    mined = _load_mined(_mined_path(out), len(train)) if cfg.mine_every and resume else None
     bar = _progress(progress)
     with bar:
         task = bar.add_task("train", total=total, completed=start_epoch * steps_per_epoch) if bar else None
@@ -444,7 +532,14 @@ def train_model(
             rng = np.random.default_rng([cfg.seed, epoch])
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             torch.manual_seed(cfg.seed * 1000 + epoch)
-            sampler = PatchSampler(train, cfg, rng)
+            if cfg.mine_every and (epoch % cfg.mine_every == 0 or mined is None):
+                t_mine = time.perf_counter()
+                mined = mine_false_positives(model, train, cfg.mine_threshold, seed=cfg.seed * 1000 + epoch)
+                _save_mined(_mined_path(out), mined)
+                log.info("epoch %d: %d false-positive pixels in %d of %d training studies (%.0f s)", epoch + 1,
+                         sum(len(m) for m in mined), sum(1 for m in mined if len(m)), len(train),
+                         time.perf_counter() - t_mine)
+            sampler = PatchSampler(train, cfg, rng, mined if cfg.mine_every else None)
             model.train()
             for mod in frozen:
                 mod.eval()

@@ -232,6 +232,8 @@ def train(
     samples_per_epoch: int = typer.Option(400, help="Patches drawn per epoch."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default 2e-3, or 1e-3 with --init)."),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    dice_loss: str = typer.Option("batch", help="Soft Dice over the whole batch ('batch') or per target patch ('sample': small tumours weigh as much as large ones)."),
+    mine_every: int = typer.Option(0, help="Every N epochs, draw half the hard negatives at the model's own false positives on the training studies (0 = off)."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError
@@ -244,7 +246,7 @@ def train(
                 data=list(data), out=out, roi_names=list(roi), init=init, freeze=list(freeze),
                 epochs=epochs, seed=seed, cache=cache, val_fraction=val_fraction, resume=resume,
                 device=device, workers=workers, batch_size=batch_size, patch=patch,
-                samples_per_epoch=samples_per_epoch, lr=lr, threads=threads,
+                samples_per_epoch=samples_per_epoch, lr=lr, threads=threads, dice=dice_loss, mine_every=mine_every,
             )
         )
     except IgtvError as exc:

@@ -56,6 +56,8 @@ class TrainRequest:
     device: str = "cpu"
     workers: int = 1
     patch: int = 64
+    dice: str = "batch"
+    mine_every: int = 0
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -223,6 +225,10 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         prep = Preprocessing.from_dict(read_metadata(req.init)["preprocessing"])
     else:
         prep = Preprocessing(slices=req.slices) if req.slices else Preprocessing()
+    if req.dice not in ("batch", "sample"):
+        raise PipelineError(f"unknown Dice loss {req.dice!r}; choose batch or sample")
+    if req.mine_every < 0:
+        raise PipelineError(f"mine_every must be 0 (off) or a number of epochs, got {req.mine_every}")
     refs = find_studies(req.data)
     refs = [r for r in refs if r.label_series]
     if not refs:
@@ -239,6 +245,7 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         epochs=req.epochs, seed=req.seed, freeze=list(req.freeze), threads=req.threads,
         samples_per_epoch=req.samples_per_epoch, batch_size=req.batch_size, patch=req.patch, device=req.device,
         lr=req.lr if req.lr is not None else (1e-3 if req.init is not None else 2e-3),
+        dice=req.dice, mine_every=req.mine_every,
     )
     description = {
         "training_data": {

@@ -12,7 +12,15 @@ from blobs import blob_study
 from model.checkpoint import load_checkpoint, metadata_path
 from model.network import NetConfig
 from model.preprocessing import Preprocessing
-from model.train import BatchPrefetcher, PatchSampler, TrainConfig, augment, train_model
+from model.train import (
+    BatchPrefetcher,
+    PatchSampler,
+    TrainConfig,
+    augment,
+    dice_bce_loss,
+    mine_false_positives,
+    train_model,
+)
 
 PREP = Preprocessing(slices=3)
 NET = NetConfig(slices=3, widths=(8, 8, 16, 16), d_state=4)
@@ -101,3 +109,77 @@ def test_cuda_device_refused_clearly_without_cuda(tmp_path):
 
     with pytest.raises(DeviceError, match="CUDA is not available"):
         train_model([blob_study(0)], [], tmp_path / "m.safetensors", PREP, NET, _cfg(device="cuda"), progress=False)
+
+
+def _patches(sizes, size=32):
+    """(len(sizes), 1, size, size) targets with a square of side s in each patch (0 = none)."""
+    y = torch.zeros(len(sizes), 1, size, size)
+    for b, side in enumerate(sizes):
+        y[b, 0, :side, :side] = 1
+    return y
+
+
+def test_sample_dice_weighs_a_small_target_like_a_large_one():
+    y = _patches([2, 20, 0])
+    # perfect on the large target, the small one missed, the empty patch clean
+    logits = torch.where(y > 0, 10.0, -10.0)
+    logits[0] = -10.0
+    dice_only = dict(bce_weight=0.0, dice_weight=1.0)
+    batch = float(dice_bce_loss(logits, y, TrainConfig(dice="batch", **dice_only)))
+    sample = float(dice_bce_loss(logits, y, TrainConfig(dice="sample", **dice_only)))
+    assert batch < 0.01  # 4 of 404 target pixels missed: barely visible to the batch Dice
+    # the mean over the two target patches: the missed one scores 1 - 1/(4 + 1) (smoothing 1)
+    assert sample == pytest.approx(0.5 * (1 - 1 / 5), abs=0.01)
+    # an all-background batch: sample Dice adds nothing, BCE still counts
+    empty = _patches([0, 0])
+    assert float(dice_bce_loss(torch.full_like(empty, -10.0), empty, TrainConfig(dice="sample"))) < 1e-3
+    with pytest.raises(ValueError, match="Dice mode"):
+        dice_bce_loss(logits, y, TrainConfig(dice="nope"))
+
+
+def test_mining_finds_false_positives_away_from_the_target(monkeypatch):
+    import model.train as train_module
+
+    study = blob_study(3)
+    probs = study.labels.astype(np.float32) * 0.9  # the target itself, found
+    probs[4, 5:8, 5:8] = 0.8  # a false positive far from the blob
+    ys, xs = np.nonzero(study.labels[4])
+    probs[4, ys.min() - 1, xs.min()] = 0.9  # a boundary error next to the target: not mined
+    monkeypatch.setattr(train_module, "predict_study", lambda model, s: probs)
+    model = torch.nn.Linear(1, 1)
+    mined = mine_false_positives(model, [study], threshold=0.5, margin_px=2)
+    assert len(mined) == 1 and mined[0].shape == (9, 3)
+    assert {tuple(r) for r in mined[0]} == {(4, y, x) for y in range(5, 8) for x in range(5, 8)}
+    capped = mine_false_positives(model, [study], threshold=0.5, margin_px=2, limit=4)
+    assert len(capped[0]) == 4 and {tuple(r) for r in capped[0]} <= {tuple(r) for r in mined[0]}
+    assert mine_false_positives(model, [study], threshold=0.95)[0].shape == (0, 3)
+
+
+def test_sampler_draws_hard_negatives_at_mined_pixels():
+    studies = [blob_study(s) for s in range(2)]
+    mined = [np.zeros((0, 3), np.int32), np.array([[2, 10, 11]], np.int32)]
+    cfg = _cfg(target_fraction=0.0, hard_negative_fraction=1.0, mined_fraction=1.0, patch=8)
+    sampler = PatchSampler(studies, cfg, np.random.default_rng(0), mined)
+    expected = studies[1].planes[2 : 2 + studies[1].k, 0, 6:14, 7:15]
+    for _ in range(5):
+        x, y = sampler.draw()
+        np.testing.assert_array_equal(x[0], expected)
+        np.testing.assert_array_equal(y, studies[1].labels[2, 6:14, 7:15])
+
+
+def test_training_with_mining_and_sample_dice_resumes_identically(tmp_path):
+    train = [blob_study(s) for s in range(3)]
+    val = [blob_study(100)]
+    cfg = dict(epochs=3, samples_per_epoch=32, dice="sample", mine_every=2, mine_threshold=0.3)
+    whole = train_model(train, val, tmp_path / "a.safetensors", PREP, NET, _cfg(**cfg), progress=False)
+    assert (tmp_path / "a.mined.npz").is_file()
+
+    def stop_after_one(epoch, metrics):  # epoch 2 then reuses epoch 1's mining from disk
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(train, val, tmp_path / "b.safetensors", PREP, NET, _cfg(**cfg), progress=False,
+                    on_epoch=stop_after_one)
+    resumed = train_model(train, val, tmp_path / "b.safetensors", PREP, NET, _cfg(**cfg), resume=True, progress=False)
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-5)
