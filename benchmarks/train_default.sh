@@ -3,7 +3,7 @@
 # GTV pre-training, IGTV fine-tuning (transfer learning), held-out evaluation.
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
-#   stages (default: all, in this order): data valdata pretrain finetune eval
+#   stages (default: all, in this order): data valdata pretrain finetune refine ensemble eval
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -39,6 +39,7 @@ for stage in $STAGES; do
     data)
         [[ -d $DATA/pretrain_gtv ]] || $IGTV synth "$DATA/pretrain_gtv" --seed 1000 --cases 96 --motion static --workers "$WORKERS"
         [[ -d $DATA/finetune_igtv ]] || $IGTV synth "$DATA/finetune_igtv" --seed 2000 --cases 32 --motion breathing --workers "$WORKERS"
+        [[ -d $DATA/refine_igtv ]] || $IGTV synth "$DATA/refine_igtv" --seed 2000 --cases 96 --motion breathing --workers "$WORKERS"
         ;;
     valdata)
         [[ -d $DATA/val_igtv ]] || $IGTV synth "$DATA/val_igtv" --seed 9000 --cases 16 --motion breathing --workers "$WORKERS"
@@ -53,12 +54,26 @@ for stage in $STAGES; do
             --out "$RUNS/finetune_igtv.safetensors" --epochs 16 --samples-per-epoch 6400 --batch-size 32 \
             --patch 96 --seed 12 --val-fraction 0.15 --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
+    refine)
+        # more IGTV studies (the first 32 are finetune_igtv's), per-patch Dice so small tumours
+        # count, and hard negatives drawn at the model's own false positives
+        limited $IGTV train "$DATA/refine_igtv" --roi IGTV --init "$RUNS/finetune_igtv.safetensors" \
+            --out "$RUNS/refine_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
+            --patch 96 --seed 13 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 2 \
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        ;;
+    ensemble)
+        # the shipped checkpoint: the fine-tuned and the refined model, probabilities averaged
+        $IGTV ensemble "$RUNS/finetune_igtv.safetensors" "$RUNS/refine_igtv.safetensors" \
+            --out "$RUNS/igtv_sim_mamba.safetensors" \
+            --description "finetune_igtv (32 IGTV studies) + refine_igtv (96, mined hard negatives); probabilities averaged"
+        ;;
     eval)
-        $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/finetune_igtv.safetensors" --device "$DEVICE" \
-            --out "$RUNS/eval_finetune_igtv.json"
+        $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
+            --out "$RUNS/eval_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata pretrain finetune eval)" >&2
+        echo "unknown stage $stage (data valdata pretrain finetune refine ensemble eval)" >&2
         exit 2
         ;;
     esac

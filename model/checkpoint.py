@@ -4,12 +4,17 @@
 config, the preprocessing, a description of the training data, seed, metrics,
 the version string and the SHA-256 of the weights file. Loading reads only
 these two formats, so a checkpoint from elsewhere cannot run code.
+
+An ensemble checkpoint (:func:`save_ensemble`) is the same pair: the tensors of
+member ``i`` under ``members.<i>.``, and a "members" list in the metadata with
+each member's architecture and provenance.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.ensemble import Ensemble
 from model.errors import CheckpointError
-from model.network import NetConfig, build_network
+from model.network import NetConfig, SimMamba, build_network
 from model.preprocessing import Preprocessing
 
 SHIPPED_NAME = "igtv_sim_mamba.safetensors"
@@ -106,7 +112,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Build the network from the metadata and load its weights (eval mode).
+    """Build the network (or ensemble) from the metadata and load its weights (eval mode).
 
     Raises
     ------
@@ -120,19 +126,64 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[st
     digest = meta.get("weights_sha256")
     if digest and digest != _sha256(path):
         raise CheckpointError(f"checkpoint {path}: weights do not match the SHA-256 in {metadata_path(path).name}")
-    try:
-        cfg = NetConfig.from_dict(meta["architecture"])
-        Preprocessing.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: bad architecture/preprocessing metadata ({exc})") from exc
-    if cfg.slices != meta["preprocessing"].get("slices", cfg.slices):
-        raise CheckpointError(f"checkpoint {path}: architecture K={cfg.slices} differs from preprocessing K")
-    model = build_network(cfg)
+    model = _build(path, meta)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from exc
     return model.to(device).eval(), meta
+
+
+def _build(path: Path, meta: dict[str, Any]) -> nn.Module:
+    """The (untrained) network or ensemble the metadata describes."""
+    members = meta.get("members")
+    try:
+        Preprocessing.from_dict(meta["preprocessing"])
+        if members is not None:
+            cfgs = [NetConfig.from_dict(m["architecture"]) for m in members]
+        else:
+            cfgs = [NetConfig.from_dict(meta["architecture"])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: bad architecture/preprocessing metadata ({exc})") from exc
+    k = meta["preprocessing"].get("slices")
+    if any(cfg.slices != k for cfg in cfgs if k is not None):
+        raise CheckpointError(f"checkpoint {path}: architecture K differs from preprocessing K={k}")
+    if members is None:
+        return build_network(cfgs[0])
+    if len(cfgs) < 2:
+        raise CheckpointError(f"checkpoint {path}: an ensemble needs at least two members, has {len(cfgs)}")
+    return Ensemble([build_network(cfg) for cfg in cfgs])
+
+
+def save_ensemble(paths: Sequence[Path], out: Path, description: str = "") -> Path:
+    """Combine two or more single-network checkpoints into one ensemble checkpoint at ``out``.
+
+    The members must share their preprocessing. Each member's architecture, version,
+    training data, training recipe, initialisation and metrics are kept in the
+    metadata's "members" list.
+    """
+    if len(paths) < 2:
+        raise CheckpointError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
+    networks, metas = [], []
+    for path in paths:
+        network, meta = load_checkpoint(path)
+        if not isinstance(network, SimMamba):
+            raise CheckpointError(f"checkpoint {path}: is itself an ensemble; list its members' checkpoints instead")
+        if metas and meta["preprocessing"] != metas[0]["preprocessing"]:
+            raise CheckpointError(
+                f"checkpoint {path}: preprocessing {meta['preprocessing']} differs from "
+                f"{paths[0]}'s {metas[0]['preprocessing']}; members must read the same stacks"
+            )
+        networks.append(network)
+        metas.append(meta)
+    keep = ("architecture", "version", "training_data", "training", "init", "metrics", "seed", "weights_sha256")
+    members = [{key: meta[key] for key in keep if key in meta} for meta in metas]
+    return save_checkpoint(out, Ensemble(networks), {
+        "preprocessing": metas[0]["preprocessing"],
+        "architecture": metas[0]["architecture"],
+        "members": members,
+        "training_data": {"ensemble_of": [m.get("version") for m in members], "description": description},
+    })
 
 
 def shipped_checkpoint_path() -> Path:
@@ -150,4 +201,5 @@ def shipped_checkpoint_info() -> str:
     dice = metrics.get("val_dice")
     extra = f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else ""
     arch = meta.get("architecture", {})
-    return f"{meta.get('version', '?')} (SIM-Mamba, K={arch.get('slices', '?')}{extra})"
+    kind = f"SIM-Mamba ensemble of {len(meta['members'])}" if meta.get("members") else "SIM-Mamba"
+    return f"{meta.get('version', '?')} ({kind}, K={arch.get('slices', '?')}{extra})"

@@ -479,6 +479,8 @@ def train_model(
     init_meta: dict[str, Any] = {}
     if init is not None:
         model, init_meta = load_checkpoint(init)
+        if not isinstance(model, SimMamba):
+            raise CheckpointError(f"checkpoint {init}: an ensemble cannot be fine-tuned; start from one of its members")
         if init_meta["preprocessing"] != prep.to_dict():
             raise CheckpointError(
                 f"checkpoint {init}: its preprocessing {init_meta['preprocessing']} differs from this run's "

@@ -254,6 +254,23 @@ def train(
 
 
 @app.command()
+def ensemble(
+    checkpoints: list[Path] = typer.Argument(..., help="Two or more checkpoints trained with the same preprocessing."),
+    out: Path = typer.Option(..., "--out", help="Ensemble checkpoint to write (.safetensors; metadata JSON beside it)."),
+    description: str = typer.Option("", help="Free text stored in the ensemble's metadata."),
+) -> None:
+    """Combine checkpoints into one ensemble that averages their probabilities."""
+    from model.checkpoint import save_ensemble
+    from pipeline.errors import IgtvError
+
+    try:
+        path = save_ensemble(list(checkpoints), out, description)
+    except IgtvError as exc:
+        _fail(exc)
+    typer.echo(f"ensemble of {len(checkpoints)} written to {path}")
+
+
+@app.command()
 def evaluate(
     data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies."),
     checkpoint: Path | None = typer.Option(None, help="Checkpoint; default the shipped model."),

@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("serve", "replay", "synth", "train", "evaluate", "echo", "version", "demo"):
+    for command in ("serve", "replay", "synth", "train", "evaluate", "ensemble", "echo", "version", "demo"):
         assert command in out.output
 
 
@@ -55,3 +55,21 @@ def test_replay_of_a_missing_folder_exits_2(tmp_path):
     out = runner.invoke(app, ["replay", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert out.exit_code == 2
     assert "not a folder" in out.output
+
+
+def test_ensemble_command_combines_checkpoints_and_explains_refusals(tmp_path):
+    import json
+
+    from model.checkpoint import save_checkpoint
+    from model.network import NetConfig, build_network
+    from model.preprocessing import Preprocessing
+
+    paths = []
+    for seed in (1, 2):
+        paths.append(save_checkpoint(tmp_path / f"m{seed}.safetensors", build_network(NetConfig(slices=3, widths=(4, 8, 8, 8))),
+                                     {"preprocessing": Preprocessing(slices=3).to_dict()}))
+    out = runner.invoke(app, ["ensemble", *map(str, paths), "--out", str(tmp_path / "ens.safetensors")])
+    assert out.exit_code == 0, out.output
+    assert len(json.loads((tmp_path / "ens.json").read_text())["members"]) == 2
+    out = runner.invoke(app, ["ensemble", str(paths[0]), "--out", str(tmp_path / "one.safetensors")])
+    assert out.exit_code != 0 and "at least two" in out.output
