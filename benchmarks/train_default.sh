@@ -55,8 +55,8 @@ for stage in $STAGES; do
             --patch 96 --seed 12 --val-fraction 0.15 --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
     refine)
-        # more IGTV studies (the first 32 are finetune_igtv's), per-patch Dice so small tumours
-        # count, and hard negatives drawn at the model's own false positives
+        # more IGTV studies (the first 32 are finetune_igtv's seeds), a lower learning rate, and
+        # half the hard negatives drawn at the model's own false positives, mined every 2 epochs
         limited $IGTV train "$DATA/refine_igtv" --roi IGTV --init "$RUNS/finetune_igtv.safetensors" \
             --out "$RUNS/refine_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
             --patch 96 --seed 13 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 2 \
