@@ -4,9 +4,10 @@ A :class:`StudySamples` holds one study's normalised model-grid planes
 (M, 2, H, W) and centre-slice labels (N, H, W) with M = N + K - 1, exactly what
 the pipeline's stack builder produces. Training draws patches: mostly around
 the target, some around bright PET spots outside it (nodes, heart: hard
-negatives), some anywhere; augments them on the fly; optimises Dice + BCE with
-AdamW and a cosine schedule; validates each epoch (3D Dice on the model grid
-around each validation target) and keeps the best epoch. Epoch checkpoints
+negatives) or, when mining, around the model's own false positives, some
+anywhere; augments them on the fly; optimises Dice + BCE with AdamW and a cosine
+schedule; validates each epoch (3D Dice over each validation study's whole crop
+on the model grid) and keeps the best epoch. Epoch checkpoints
 (``<out>.last.safetensors`` + optimiser state) make a run resumable.
 """
 
