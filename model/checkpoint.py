@@ -150,9 +150,10 @@ def _build(path: Path, meta: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"checkpoint {path}: architecture K differs from preprocessing K={k}")
     if members is None:
         return build_network(cfgs[0])
-    if len(cfgs) < 2:
-        raise CheckpointError(f"checkpoint {path}: an ensemble needs at least two members, has {len(cfgs)}")
-    return Ensemble([build_network(cfg) for cfg in cfgs])
+    try:
+        return Ensemble([build_network(cfg) for cfg in cfgs])
+    except ValueError as exc:  # fewer than two members
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
 
 
 def save_ensemble(paths: Sequence[Path], out: Path, description: str = "") -> Path:

@@ -36,6 +36,9 @@ from model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
+#: Soft-Dice modes of :func:`dice_bce_loss` (``TrainConfig.dice``).
+DICE_MODES = ("batch", "sample")
+
 
 @dataclass
 class StudySamples:
@@ -251,7 +254,7 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) 
     elif cfg.dice == "batch":
         soft_dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
     else:
-        raise ValueError(f"unknown Dice mode {cfg.dice!r}; choose batch or sample")
+        raise ValueError(f"unknown Dice mode {cfg.dice!r}; choose one of {DICE_MODES}")
     return cfg.bce_weight * bce + cfg.dice_weight * soft_dice
 
 
@@ -542,7 +545,7 @@ def train_model(
                 log.info("epoch %d: %d false-positive pixels in %d of %d training studies (%.0f s)", epoch + 1,
                          sum(len(m) for m in mined), sum(1 for m in mined if len(m)), len(train),
                          time.perf_counter() - t_mine)
-            sampler = PatchSampler(train, cfg, rng, mined if cfg.mine_every else None)
+            sampler = PatchSampler(train, cfg, rng, mined)
             model.train()
             for mod in frozen:
                 mod.eval()

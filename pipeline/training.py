@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from model.preprocessing import Preprocessing
-from model.train import StudySamples, TrainConfig, train_model
+from model.train import DICE_MODES, StudySamples, TrainConfig, train_model
 from pipeline.errors import LabelError, PipelineError
 from pipeline.uids import validate_uid
 
@@ -225,8 +225,8 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         prep = Preprocessing.from_dict(read_metadata(req.init)["preprocessing"])
     else:
         prep = Preprocessing(slices=req.slices) if req.slices else Preprocessing()
-    if req.dice not in ("batch", "sample"):
-        raise PipelineError(f"unknown Dice loss {req.dice!r}; choose batch or sample")
+    if req.dice not in DICE_MODES:
+        raise PipelineError(f"unknown Dice loss {req.dice!r}; choose one of {DICE_MODES}")
     if req.mine_every < 0:
         raise PipelineError(f"mine_every must be 0 (off) or a number of epochs, got {req.mine_every}")
     refs = find_studies(req.data)
