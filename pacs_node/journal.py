@@ -62,7 +62,6 @@ class Segment:
     offset: int = HEADER_BLOCK  # end of the records written (to the page cache)
     synced: int = HEADER_BLOCK  # end of the records known to be on disk
     pending: int = 0
-    active: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ class AckJournal:
                 raise JournalError(f"the ack journal had a write error ({self._failed}); check the disk and "
                                    "restart the node")
             seg = self._active
-            if seg is None or seg.offset + size > self.segment_bytes:
+            while seg is None or seg.offset + size > self.segment_bytes:
                 seg = self._rotate()
             seq = self._next_seq
             self._next_seq += 1
@@ -239,7 +238,7 @@ class AckJournal:
         with self._lock:
             seg = entry.segment
             seg.pending -= 1
-            if seg.pending == 0 and not seg.active:
+            if seg.pending == 0 and seg is not self._active:
                 self._spent.append(seg)
                 self._freed.notify_all()  # an append waiting for space can reuse it at once
 
@@ -303,15 +302,17 @@ class AckJournal:
         """Make a free (or new) segment the active one; the old one is freed once its records are done.
 
         Normally :meth:`maintain` has a spare ready; otherwise this invalidates a spent
-        segment or creates one here (on the acknowledgement path), or waits for one.
+        segment or creates one here (on the acknowledgement path), or waits for one. The
+        old segment stops being active at once, so no append writes into it while this
+        one waits (or after it gives up); an append that rotated meanwhile is shared.
         """
-        old = self._active
-        if old is not None:
-            old.active = False
-            if old.pending == 0:
-                self._spent.append(old)
+        old, self._active = self._active, None
+        if old is not None and old.pending == 0:
+            self._spent.append(old)
         deadline = time.monotonic() + self.wait_s
         while not self._free:
+            if self._active is not None:
+                return self._active  # another append got a segment while this one waited
             if self._spent:
                 seg = self._spent.pop(0)
                 self._invalidate(seg)
@@ -327,8 +328,10 @@ class AckJournal:
                     raise JournalError(f"no free journal segment within {self.wait_s:.0f} s "
                                        "(the spool is not keeping up)")
                 self._freed.wait(remaining)
+        if self._active is not None:
+            return self._active
         seg = self._free.pop(0)
-        seg.offset, seg.synced, seg.active = HEADER_BLOCK, HEADER_BLOCK, True
+        seg.offset, seg.synced = HEADER_BLOCK, HEADER_BLOCK
         self._active = seg
         return seg
 

@@ -101,6 +101,40 @@ def test_a_full_journal_waits_then_refuses(tmp_path):
     assert result and result[0].seq > kept[-1].seq
 
 
+def test_a_segment_given_up_by_a_refused_append_takes_no_more_records(tmp_path):
+    j = _journal(tmp_path, max_segments=2, wait_s=0.2)
+    kept = [j.append(b"x" * 20000) for _ in range(6)]  # both segments full, nothing done
+    with pytest.raises(JournalError, match="no free journal segment"):
+        j.append(b"x" * 20000)
+    for e in kept:  # the spool catches up: both segments are spent
+        j.done(e)
+    small = j.append(b"small")  # fits in the last segment's remaining space, which is spent
+    j.maintain()  # invalidates spent segments: a record written into one would be lost
+    assert [r.payload for r in _reopen(tmp_path).records()] == [b"small"]
+    assert small.segment.pending == 1
+
+
+def test_appends_waiting_for_a_segment_share_the_one_they_get(tmp_path):
+    j = _journal(tmp_path, max_segments=2, wait_s=10)
+    kept = [j.append(b"x" * 20000) for _ in range(6)]
+    results: list[object] = []
+    waiters = [threading.Thread(target=lambda: results.append(j.append(b"y" * 100))) for _ in range(2)]
+    for w in waiters:
+        w.start()
+    for e in kept:
+        j.done(e)
+    j.maintain()
+    for w in waiters:
+        w.join(10)
+    assert len(results) == 2 and results[0].segment is results[1].segment
+    for e in results:
+        j.done(e)
+    j.maintain()
+    stats = j.stats()
+    assert stats["segments"] == 2 and stats["pending"] == 0
+    assert len(set(map(id, j._free))) == len(j._free)  # no segment listed twice
+
+
 def test_misuse_is_refused(tmp_path):
     fresh = AckJournal(tmp_path, segment_bytes=SEG)
     with pytest.raises(JournalError, match="replayed and reset"):
