@@ -336,7 +336,8 @@ class Ingest:
 
     def _record(self, items: Sequence[tuple[InstanceHeader, StoredInstance, str]]) -> None:
         """Index spooled instances (one transaction); a study's first instance emits ``study_received``."""
-        unseen = {h.study_uid for h, _, _ in items if self.index.study_instance_count(h.study_uid) == 0}
+        studies = {h.study_uid for h, _, _ in items}  # usually one: ask the index once per study, not per item
+        unseen = {uid for uid in studies if self.index.study_instance_count(uid) == 0}
         news = self.index.record_instances(
             [(header.record(inst.path, inst.size, source), inst.changed) for header, inst, source in items])
         for (header, _, source), new in zip(items, news, strict=True):
