@@ -8,12 +8,18 @@ these two formats, so a checkpoint from elsewhere cannot run code.
 An ensemble checkpoint (:func:`save_ensemble`) is the same pair: the tensors of
 member ``i`` under ``members.<i>.``, and a "members" list in the metadata with
 each member's architecture and provenance.
+
+A calibrated checkpoint (:func:`save_operating_point`) also carries an
+"operating_point": the probability threshold chosen on labelled studies, and
+how it was chosen. Uncalibrated checkpoints operate at :data:`DEFAULT_THRESHOLD`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +37,8 @@ from model.preprocessing import Preprocessing
 
 SHIPPED_NAME = "igtv_sim_mamba.safetensors"
 FORMAT = "igtv-sim-mamba/1"
+#: Probability threshold of a checkpoint that carries no calibrated operating point.
+DEFAULT_THRESHOLD = 0.5
 
 
 def metadata_path(path: Path) -> Path:
@@ -185,6 +193,39 @@ def save_ensemble(paths: Sequence[Path], out: Path, description: str = "") -> Pa
         "members": members,
         "training_data": {"ensemble_of": [m.get("version") for m in members], "description": description},
     })
+
+
+def operating_threshold(meta: dict[str, Any]) -> float:
+    """The probability threshold a checkpoint was calibrated at (:data:`DEFAULT_THRESHOLD` if never)."""
+    point = meta.get("operating_point") or {}
+    return float(point.get("threshold", DEFAULT_THRESHOLD))
+
+
+def save_operating_point(src: Path, out: Path, threshold: float, calibration: dict[str, Any]) -> Path:
+    """Write checkpoint ``src`` to ``out`` with a calibrated probability threshold.
+
+    The weights are copied unchanged (``out`` may be ``src``: then only the metadata
+    is rewritten); the metadata gains "operating_point" = ``{"threshold": ...}`` plus
+    ``calibration`` (what data chose it, and the scores of every candidate).
+    """
+    src, out = Path(src), Path(out)
+    if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
+        raise CheckpointError(f"operating threshold must lie strictly between 0 and 1, got {threshold}")
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint {out}: the weights file must end in .safetensors")
+    meta = read_metadata(src)
+    if meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(src):
+        raise CheckpointError(f"checkpoint {src}: weights do not match the SHA-256 in {metadata_path(src).name}")
+    meta["operating_point"] = {"threshold": float(threshold), **calibration}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != src.resolve():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(out)
+    tmp_json = metadata_path(out).with_name(metadata_path(out).name + ".tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp_json.replace(metadata_path(out))
+    return out
 
 
 def shipped_checkpoint_path() -> Path:

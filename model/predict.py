@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model.checkpoint import load_checkpoint, shipped_checkpoint_path
+from model.checkpoint import load_checkpoint, operating_threshold, shipped_checkpoint_path
 from model.device import resolve_device
 from model.preprocessing import Preprocessing
 
@@ -59,6 +59,11 @@ class Predictor:
             metadata=meta,
             device=dev,
         )
+
+    @property
+    def threshold(self) -> float:
+        """The probability threshold this checkpoint was calibrated at (0.5 when never)."""
+        return operating_threshold(self.metadata)
 
     def predict(self, inputs: np.ndarray, batch_size: int = 8, flips: str = "none") -> np.ndarray:
         """Probabilities (N, H, W) float32 of the centre slices of ``inputs`` (N, 2, K, H, W).

@@ -277,6 +277,7 @@ def evaluate(
     roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
     baselines: bool = typer.Option(True, help="Also run the SUV-40% baseline."),
     out: Path | None = typer.Option(None, "--out", help="Write per-case results as JSON here."),
+    threshold: float | None = typer.Option(None, help="Probability threshold; default the checkpoint's calibrated one."),
     device: str = typer.Option("cpu", help="Where the network runs: cpu, cuda or auto."),
 ) -> None:
     """Per-case Dice, HD95 and volume ratio on the original CT grid."""
@@ -286,8 +287,41 @@ def evaluate(
     _setup_logging("WARNING")
     try:
         run_evaluation(list(data), checkpoint=checkpoint, roi_names=list(roi), baselines=baselines, out=out,
-                       device=device)
+                       threshold=threshold, device=device)
     except IgtvError as exc:
+        _fail(exc)
+
+
+@app.command()
+def calibrate(
+    data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies not used in training."),
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint to calibrate; default the shipped model."),
+    candidates: str = typer.Option("0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6", "--candidates",
+                                   help="Comma-separated probability thresholds to try."),
+    roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the checkpoint with the chosen threshold here "
+                                                        "(may be the checkpoint itself); without it, only report."),
+    device: str = typer.Option("cpu", help="Where the network runs: cpu, cuda or auto."),
+) -> None:
+    """Choose the probability threshold with the best mean Dice on labelled studies."""
+    from model.checkpoint import save_operating_point, shipped_checkpoint_path
+    from pipeline.calibration import calibrate as run_calibration
+    from pipeline.errors import IgtvError
+
+    _setup_logging("WARNING")
+    try:
+        values = [float(v) for v in candidates.split(",") if v.strip()]
+    except ValueError:
+        _fail(ValueError(f"--candidates needs comma-separated numbers, not {candidates!r}"))
+    try:
+        result = run_calibration(list(data), checkpoint=checkpoint, candidates=values, roi_names=list(roi),
+                                 device=device)
+        typer.echo(result.table())
+        if out is not None:
+            source = checkpoint if checkpoint is not None else shipped_checkpoint_path()
+            save_operating_point(source, out, result.chosen, result.record())
+            typer.echo(f"threshold {result.chosen:g} written to {out}")
+    except (IgtvError, ValueError) as exc:
         _fail(exc)
 
 

@@ -203,6 +203,9 @@ def validate_config(cfg: NodeConfig) -> None:
         raise ConfigError("spool.journal_segment_mb must be between 1 and 1024")
     if cfg.listener.tls.enabled and not (cfg.listener.tls.cert and cfg.listener.tls.key):
         raise ConfigError("listener.tls.enabled needs listener.tls.cert and listener.tls.key")
+    threshold = cfg.processing.threshold
+    if threshold is not None and (not isinstance(threshold, (int, float)) or not 0 < threshold < 1):
+        raise ConfigError(f"processing.threshold must lie strictly between 0 and 1, got {threshold!r}")
     if cfg.processing.register not in {"auto", "always", "never"}:
         raise ConfigError("processing.register must be auto, always or never")
     if cfg.processing.lesion_order not in {"volume", "confidence", "uptake"}:

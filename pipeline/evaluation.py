@@ -79,23 +79,34 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
     return out
 
 
-def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None) -> np.ndarray:
-    """Post-processed boolean prediction of one case on the CT grid (the node's post-processing)."""
-    import SimpleITK as sitk
-
-    from pipeline import postprocess, stacks
-
-    settings = settings or ProcessSettings()
+def case_probabilities(case: LoadedCase, predictor: Any, flips: str = "none") -> np.ndarray:
+    """The network's probabilities of one case on the CT grid (before post-processing)."""
+    from pipeline import stacks
 
     stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
-    probs = predictor.predict(stackset.inputs, batch_size=16, flips=settings.test_time_flips)
-    prob_ct = stackset.to_ct_grid(probs)
+    probs = predictor.predict(stackset.inputs, batch_size=16, flips=flips)
+    return stackset.to_ct_grid(probs)
+
+
+def postprocess_case(case: LoadedCase, prob_ct: np.ndarray, settings: ProcessSettings, threshold: float) -> np.ndarray:
+    """The node's post-processing of ``prob_ct`` at ``threshold``, as a boolean mask."""
+    import SimpleITK as sitk
+
+    from pipeline import postprocess
+
     labels = postprocess.postprocess(
-        prob_ct, case.spacing_zyx, threshold=settings.threshold, min_component_cc=settings.min_component_cc,
+        prob_ct, case.spacing_zyx, threshold=threshold, min_component_cc=settings.min_component_cc,
         keep=settings.keep_components, order_by=settings.lesion_order,
         suv=sitk.GetArrayViewFromImage(case.pet_on_ct),
     )
     return labels > 0
+
+
+def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None) -> np.ndarray:
+    """Post-processed boolean prediction of one case on the CT grid (the node's post-processing)."""
+    settings = settings or ProcessSettings()
+    prob_ct = case_probabilities(case, predictor, settings.test_time_flips)
+    return postprocess_case(case, prob_ct, settings, settings.threshold_for(predictor.threshold))
 
 
 def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, float]:
@@ -173,7 +184,7 @@ def run_evaluation(
     baselines: bool = True,
     out: Path | None = None,
     extra: Mapping[str, Path] | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     echo: bool = True,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -193,6 +204,8 @@ def run_evaluation(
         Write per-case results and the summary as JSON here.
     extra:
         Further checkpoints by name (ablations), evaluated on the same cases.
+    threshold:
+        Probability threshold for every model; None uses each checkpoint's calibrated one.
     device:
         Where the networks run ("cpu", "cuda", "auto").
 
@@ -230,8 +243,9 @@ def run_evaluation(
     by_size = size_breakdown(rows, methods)
     table = format_table(summary) + "\n\n" + format_size_table(by_size)
     versions = {name: p.version for name, p in models.items()}
+    thresholds = {name: ProcessSettings(threshold=threshold).threshold_for(p.threshold) for name, p in models.items()}
     result = {"cases": rows, "summary": summary, "by_size": by_size, "table": table, "versions": versions,
-              "roi_names": list(roi_names)}
+              "thresholds": thresholds, "roi_names": list(roi_names)}
     if echo:
         print(table)
     if out is not None:

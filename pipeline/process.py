@@ -145,11 +145,12 @@ def process_study(
 
     spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
+    threshold = settings.threshold_for(predictor.threshold)
     with timer.stage("postprocess"):
         labels = postprocess.postprocess(
             prob_ct,
             spacing_zyx,
-            threshold=settings.threshold,
+            threshold=threshold,
             min_component_cc=settings.min_component_cc,
             keep=settings.keep_components,
             order_by=settings.lesion_order,
@@ -193,6 +194,14 @@ def process_study(
             "pet_series_instance_uid": chosen.pet.uid,
             "registration": registration_summary(registration),
             "selection_notes": list(chosen.notes),
+            "postprocessing": {
+                "threshold": threshold,
+                "threshold_from": "checkpoint" if settings.threshold is None else "settings",
+                "min_component_cc": settings.min_component_cc,
+                "keep_components": settings.keep_components,
+                "lesion_order": settings.lesion_order,
+                "test_time_flips": settings.test_time_flips,
+            },
             "skipped": [{"series": s, "reason": r} for s, r in result.skipped],
         },
     )

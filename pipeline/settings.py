@@ -19,7 +19,8 @@ class ProcessSettings:
     device:
         torch device for inference ("cpu", "cuda", "auto").
     threshold:
-        Probability threshold of the post-processing.
+        Probability threshold of the post-processing; None (default) uses the threshold
+        the checkpoint was calibrated at (``igtv-node calibrate``; 0.5 if never).
     min_component_cc:
         Connected components smaller than this (cc) are removed.
     keep_components:
@@ -45,7 +46,7 @@ class ProcessSettings:
 
     checkpoint: Path | None = None
     device: str = "cpu"
-    threshold: float = 0.5
+    threshold: float | None = None
     min_component_cc: float = 0.1
     keep_components: int = 1
     lesion_order: str = "confidence"
@@ -57,3 +58,7 @@ class ProcessSettings:
     register: str = "auto"
     institution_name: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def threshold_for(self, calibrated: float) -> float:
+        """The threshold to apply: the configured one, else the checkpoint's ``calibrated`` one."""
+        return calibrated if self.threshold is None else float(self.threshold)

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from model.checkpoint import (
+    DEFAULT_THRESHOLD,
     load_checkpoint,
     metadata_path,
+    read_metadata,
     save_checkpoint,
+    save_operating_point,
     shipped_checkpoint_info,
 )
 from model.errors import CheckpointError
@@ -45,6 +48,32 @@ def test_round_trip_and_predictor(tmp_path):
     probs = pred.predict(x.numpy(), batch_size=1)
     assert probs.shape == (2, 32, 32) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, torch.sigmoid(net(x))[:, 0].detach().numpy(), atol=1e-5)
+
+
+def test_operating_point_is_written_beside_unchanged_weights(tmp_path):
+    net, path = _saved(tmp_path)
+    assert Predictor.load(path).threshold == DEFAULT_THRESHOLD
+    out = save_operating_point(path, tmp_path / "calibrated.safetensors", 0.35, {"studies": 12})
+    assert out.read_bytes() == path.read_bytes()
+    meta = read_metadata(out)
+    assert meta["operating_point"] == {"threshold": 0.35, "studies": 12}
+    assert meta["version"] == read_metadata(path)["version"]
+    assert Predictor.load(out).threshold == 0.35
+    save_operating_point(out, out, 0.4, {})  # in place: only the metadata changes
+    assert Predictor.load(out).threshold == 0.4 and out.read_bytes() == path.read_bytes()
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(CheckpointError, match="strictly between 0 and 1"):
+            save_operating_point(path, tmp_path / "bad.safetensors", bad, {})
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_operating_point_refuses_weights_that_do_not_match(tmp_path):
+    net, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        save_operating_point(path, tmp_path / "c.safetensors", 0.3, {})
 
 
 def test_pickle_payload_in_safetensors_is_refused_without_running(tmp_path):

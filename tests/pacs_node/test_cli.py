@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from typer.testing import CliRunner
 
 from pacs_node.cli import app
@@ -73,3 +74,20 @@ def test_ensemble_command_combines_checkpoints_and_explains_refusals(tmp_path):
     assert len(json.loads((tmp_path / "ens.json").read_text())["members"]) == 2
     out = runner.invoke(app, ["ensemble", str(paths[0]), "--out", str(tmp_path / "one.safetensors")])
     assert out.exit_code != 0 and "at least two" in out.output
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_the_chosen_threshold(small_study, tmp_path):
+    from model.checkpoint import shipped_checkpoint_path
+    from model.predict import Predictor
+
+    out_path = tmp_path / "calibrated.safetensors"
+    out = runner.invoke(app, ["calibrate", str(small_study), "--candidates", "0.3,0.5", "--out", str(out_path)])
+    assert out.exit_code == 0, out.output
+    assert "(chosen)" in out.output and f"written to {out_path}" in out.output
+    calibrated = Predictor.load(out_path)
+    assert calibrated.threshold in (0.3, 0.5)
+    assert set(calibrated.metadata["operating_point"]["candidates"]) == {"0.3", "0.5"}
+    assert out_path.read_bytes() == shipped_checkpoint_path().read_bytes()
+    out = runner.invoke(app, ["calibrate", str(small_study), "--candidates", "0.3,x"])
+    assert out.exit_code != 0 and "comma-separated numbers" in out.output

@@ -12,6 +12,7 @@ def test_defaults_without_a_file():
     assert cfg.spool.data_dir == Path("./igtv-data")
     assert cfg.spool.stable_age_s == 30
     assert cfg.processing.roi_name == "IGTV"
+    assert cfg.processing.threshold is None  # the checkpoint's calibrated threshold
 
 
 def test_toml_overrides_nested_sections(tmp_path):
@@ -33,6 +34,7 @@ stable_age_s = 5
 [export]
 destinations = ["pacs=ORTHANC@127.0.0.1:4242", {name = "web", kind = "dicomweb", url = "https://pacs/dicomweb", token = "t"}]
 [processing]
+threshold = 0.35
 roi_name = "ITV_AI"
 roi_color = [0, 255, 0]
 """,
@@ -48,6 +50,7 @@ roi_color = [0, 255, 0]
     assert (dimse.kind, dimse.ae_title, dimse.host, dimse.port) == ("dimse", "ORTHANC", "127.0.0.1", 4242)
     assert (web.kind, web.url, web.token) == ("dicomweb", "https://pacs/dicomweb", "t")
     assert cfg.processing.roi_name == "ITV_AI" and cfg.processing.roi_color == (0, 255, 0)
+    assert cfg.processing.threshold == 0.35
 
 
 @pytest.mark.parametrize(
@@ -57,6 +60,8 @@ roi_color = [0, 255, 0]
         ("[listener]\nae_title = 'WAY_TOO_LONG_AE_TITLE'\n", "not a valid AE title"),
         ("[listener.tls]\nenabled = true\n", "needs listener.tls.cert"),
         ("[processing]\nregister = 'sometimes'\n", "register must be"),
+        ("[processing]\nthreshold = 1.5\n", "threshold must lie strictly between 0 and 1"),
+        ("[processing]\nthreshold = 'high'\n", "threshold must lie strictly between 0 and 1"),
         ("not toml at all [", "not valid TOML"),
     ],
 )

@@ -26,6 +26,7 @@ class OraclePredictor:
     """Predicts the truth: built from the same stack geometry the pipeline uses."""
 
     version = "oracle-1"
+    threshold = 0.5  # the calibrated operating point a checkpoint would carry
 
     def __init__(self, study_dir: Path, prep: Preprocessing) -> None:
         self.preprocessing = prep
@@ -90,6 +91,19 @@ def test_rerun_replaces_results_with_the_same_uids(oracle_run, small_study, tmp_
     for a, b in zip(result.dicom_outputs, again.dicom_outputs, strict=True):
         da, db = pydicom.dcmread(a), pydicom.dcmread(b)
         assert (da.SOPInstanceUID, da.SeriesInstanceUID) == (db.SOPInstanceUID, db.SeriesInstanceUID)
+
+
+def test_threshold_is_the_checkpoints_unless_the_settings_override_it(oracle_run, small_study, tmp_path):
+    oracle, _, _ = oracle_run
+    unsure = OraclePredictor.__new__(OraclePredictor)
+    unsure.__dict__.update(oracle.__dict__, answer=oracle.answer * 0.6, threshold=0.7)
+    files = sorted(small_study.rglob("*.dcm"))
+    own = process_study(files, tmp_path / "own", ProcessSettings(), predictor=unsure).report
+    assert not own["target_found"]
+    assert own["postprocessing"]["threshold"] == 0.7 and own["postprocessing"]["threshold_from"] == "checkpoint"
+    forced = process_study(files, tmp_path / "forced", ProcessSettings(threshold=0.5), predictor=unsure).report
+    assert forced["target_found"]
+    assert forced["postprocessing"]["threshold"] == 0.5 and forced["postprocessing"]["threshold_from"] == "settings"
 
 
 def test_ct_only_study_is_refused_with_a_clear_reason(small_study, tmp_path):
