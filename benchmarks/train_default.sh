@@ -3,7 +3,8 @@
 # GTV pre-training, IGTV fine-tuning (transfer learning), held-out evaluation.
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
-#   stages (default: all, in this order): data valdata pretrain finetune refine ensemble eval
+#   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
+#   ensemble calibrate eval
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -17,7 +18,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata pretrain finetune eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 ensemble calibrate eval}
 IGTV=${IGTV:-igtv-node}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
@@ -40,9 +41,14 @@ for stage in $STAGES; do
         [[ -d $DATA/pretrain_gtv ]] || $IGTV synth "$DATA/pretrain_gtv" --seed 1000 --cases 96 --motion static --workers "$WORKERS"
         [[ -d $DATA/finetune_igtv ]] || $IGTV synth "$DATA/finetune_igtv" --seed 2000 --cases 32 --motion breathing --workers "$WORKERS"
         [[ -d $DATA/refine_igtv ]] || $IGTV synth "$DATA/refine_igtv" --seed 2000 --cases 96 --motion breathing --workers "$WORKERS"
+        [[ -d $DATA/more_igtv ]] || $IGTV synth "$DATA/more_igtv" --seed 2096 --cases 160 --motion breathing --workers "$WORKERS"
         ;;
     valdata)
         [[ -d $DATA/val_igtv ]] || $IGTV synth "$DATA/val_igtv" --seed 9000 --cases 16 --motion breathing --workers "$WORKERS"
+        ;;
+    seldata)
+        # selection studies: choose among candidate models and calibrate the threshold (never trained on)
+        [[ -d $DATA/select_igtv ]] || $IGTV synth "$DATA/select_igtv" --seed 3100 --cases 48 --motion breathing --workers "$WORKERS"
         ;;
     pretrain)
         limited $IGTV train "$DATA/pretrain_gtv" --roi GTV --out "$RUNS/pretrain_gtv.safetensors" \
@@ -62,18 +68,30 @@ for stage in $STAGES; do
             --patch 96 --seed 13 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 2 \
             --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
+    refine2)
+        # 256 IGTV studies (refine_igtv + 160 more), from the refined model, hard negatives re-mined every 3 epochs
+        limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine_igtv.safetensors" \
+            --out "$RUNS/refine2_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
+            --patch 96 --seed 17 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 3 \
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        ;;
     ensemble)
         # the shipped checkpoint: the fine-tuned and the refined model, probabilities averaged
         $IGTV ensemble "$RUNS/finetune_igtv.safetensors" "$RUNS/refine_igtv.safetensors" \
             --out "$RUNS/igtv_sim_mamba.safetensors" \
             --description "finetune_igtv (32 IGTV studies) + refine_igtv (96, mined hard negatives); probabilities averaged"
         ;;
+    calibrate)
+        # the probability threshold with the best mean Dice on the selection studies, stored in the checkpoint
+        $IGTV calibrate "$DATA/select_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
+            --out "$RUNS/igtv_sim_mamba.safetensors"
+        ;;
     eval)
         $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
             --out "$RUNS/eval_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata pretrain finetune refine ensemble eval)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 ensemble calibrate eval)" >&2
         exit 2
         ;;
     esac

@@ -206,7 +206,10 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
 
     The weights are copied unchanged (``out`` may be ``src``: then only the metadata
     is rewritten); the metadata gains "operating_point" = ``{"threshold": ...}`` plus
-    ``calibration`` (what data chose it, and the scores of every candidate).
+    ``calibration`` (what data chose it, and the scores of every candidate). The
+    version becomes the weights' version plus ``-t<threshold>``: results carry the
+    version and derive their UIDs from it, so a recalibrated model's results are new
+    objects rather than silent replacements.
     """
     src, out = Path(src), Path(out)
     if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
@@ -217,6 +220,8 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
     if meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(src):
         raise CheckpointError(f"checkpoint {src}: weights do not match the SHA-256 in {metadata_path(src).name}")
     meta["operating_point"] = {"threshold": float(threshold), **calibration}
+    meta.setdefault("weights_version", meta.get("version", "unknown"))
+    meta["version"] = f"{meta['weights_version']}-t{threshold:g}"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.resolve() != src.resolve():
         tmp = out.with_name(out.name + ".tmp")

@@ -57,10 +57,13 @@ def test_operating_point_is_written_beside_unchanged_weights(tmp_path):
     assert out.read_bytes() == path.read_bytes()
     meta = read_metadata(out)
     assert meta["operating_point"] == {"threshold": 0.35, "studies": 12}
-    assert meta["version"] == read_metadata(path)["version"]
+    original = read_metadata(path)["version"]
+    assert meta["version"] == f"{original}-t0.35" and meta["weights_version"] == original
     assert Predictor.load(out).threshold == 0.35
     save_operating_point(out, out, 0.4, {})  # in place: only the metadata changes
-    assert Predictor.load(out).threshold == 0.4 and out.read_bytes() == path.read_bytes()
+    again = Predictor.load(out)
+    assert again.threshold == 0.4 and again.version == f"{original}-t0.4"
+    assert out.read_bytes() == path.read_bytes()
     for bad in (0.0, 1.0, float("nan")):
         with pytest.raises(CheckpointError, match="strictly between 0 and 1"):
             save_operating_point(path, tmp_path / "bad.safetensors", bad, {})
