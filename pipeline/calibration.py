@@ -40,8 +40,6 @@ class Calibration:
         Target volume of each case (cc).
     studies:
         StudyInstanceUIDs of the cases, in row order.
-    chosen:
-        The threshold with the highest mean Dice (ties: nearest 0.5).
     """
 
     thresholds: list[float]
@@ -56,6 +54,7 @@ class Calibration:
 
     @property
     def chosen(self) -> float:
+        """The threshold with the highest mean Dice (ties: the one nearest 0.5, then the lower)."""
         best = self.mean.max()
         tied = [t for t, m in zip(self.thresholds, self.mean, strict=True) if m >= best - 1e-12]
         return min(tied, key=lambda t: (abs(t - 0.5), t))
@@ -63,12 +62,13 @@ class Calibration:
     def table(self) -> str:
         """Markdown table: mean Dice per threshold, overall and by target size."""
         small = self.truth_cc < SMALL_TARGET_CC
+        chosen = self.chosen
         lines = [f"| threshold | mean Dice ({len(self.studies)}) | IGTV < {SMALL_TARGET_CC:g} cc ({int(small.sum())}) "
-                 f"| IGTV >= {SMALL_TARGET_CC:g} cc ({int((~small).sum())}) | missed |", "|---|---|---|---|---|"]
+                 f"| IGTV >= {SMALL_TARGET_CC:g} cc ({int((~small).sum())}) | Dice 0 (cases) |", "|---|---|---|---|---|"]
         for j, t in enumerate(self.thresholds):
             col = self.dice[:, j]
             part = [f"{col[m].mean():.3f}" if m.any() else "-" for m in (small, ~small)]
-            mark = " (chosen)" if t == self.chosen else ""
+            mark = " (chosen)" if t == chosen else ""
             lines.append(f"| {t:g}{mark} | {col.mean():.3f} | {part[0]} | {part[1]} | {int((col == 0).sum())} |")
         return "\n".join(lines)
 
