@@ -97,7 +97,7 @@ class Predictor:
         out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, n, batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(inputs[s : s + batch_size], dtype=np.float32))
+                x = torch.from_numpy(np.array(inputs[s : s + batch_size], dtype=np.float32))  # a writable copy
                 logits = self.network(x.to(self.device))
                 out[s : s + batch_size] = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
         return out

@@ -172,3 +172,12 @@ def test_test_time_flips_average_the_flipped_passes(tmp_path):
     assert not np.allclose(plain, mirrored, atol=1e-4)  # an untrained net is not symmetric: the flip matters
     with pytest.raises(ValueError, match="flips must be one of"):
         pred.predict(inputs, flips="ud")
+
+
+def test_read_only_inputs_are_copied_not_wrapped(recwarn):
+    net = build_network(NetConfig(slices=1, widths=(4, 8, 8, 8), d_state=4)).eval()
+    pred = Predictor(net, Preprocessing(slices=1), "k1")
+    inputs = np.zeros((3, 2, 1, 32, 32), np.float32)
+    inputs.setflags(write=False)
+    assert pred.predict(inputs, batch_size=2).shape == (3, 32, 32)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
