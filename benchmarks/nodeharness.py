@@ -432,6 +432,7 @@ class ThresholdPredictor:
     """
 
     version = "threshold-stand-in"
+    threshold = 0.5  # its output is already 0 or 1
 
     def __init__(self) -> None:
         from model.preprocessing import Preprocessing

@@ -134,6 +134,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[st
     digest = meta.get("weights_sha256")
     if digest and digest != _sha256(path):
         raise CheckpointError(f"checkpoint {path}: weights do not match the SHA-256 in {metadata_path(path).name}")
+    operating_threshold(meta)  # a bad operating point fails here, not at the first study
     model = _build(path, meta)
     try:
         model.load_state_dict(tensors, strict=True)
@@ -196,9 +197,20 @@ def save_ensemble(paths: Sequence[Path], out: Path, description: str = "") -> Pa
 
 
 def operating_threshold(meta: dict[str, Any]) -> float:
-    """The probability threshold a checkpoint was calibrated at (:data:`DEFAULT_THRESHOLD` if never)."""
-    point = meta.get("operating_point") or {}
-    return float(point.get("threshold", DEFAULT_THRESHOLD))
+    """The probability threshold a checkpoint was calibrated at (:data:`DEFAULT_THRESHOLD` if never).
+
+    Raises
+    ------
+    CheckpointError
+        An "operating_point" without a threshold strictly between 0 and 1.
+    """
+    point = meta.get("operating_point")
+    if point is None:
+        return DEFAULT_THRESHOLD
+    value = point.get("threshold") if isinstance(point, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise CheckpointError(f"checkpoint operating_point threshold must lie strictly between 0 and 1, got {value!r}")
+    return float(value)
 
 
 def save_operating_point(src: Path, out: Path, threshold: float, calibration: dict[str, Any]) -> Path:
@@ -219,7 +231,7 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
     meta = read_metadata(src)
     if meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(src):
         raise CheckpointError(f"checkpoint {src}: weights do not match the SHA-256 in {metadata_path(src).name}")
-    meta["operating_point"] = {"threshold": float(threshold), **calibration}
+    meta["operating_point"] = {**calibration, "threshold": float(threshold)}
     meta.setdefault("weights_version", meta.get("version", "unknown"))
     meta["version"] = f"{meta['weights_version']}-t{threshold:g}"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -288,7 +288,7 @@ def evaluate(
     try:
         run_evaluation(list(data), checkpoint=checkpoint, roi_names=list(roi), baselines=baselines, out=out,
                        threshold=threshold, device=device)
-    except IgtvError as exc:
+    except (IgtvError, ValueError) as exc:
         _fail(exc)
 
 
@@ -301,10 +301,14 @@ def calibrate(
     roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
     out: Path | None = typer.Option(None, "--out", help="Write the checkpoint with the chosen threshold here "
                                                         "(may be the checkpoint itself); without it, only report."),
+    config: Path | None = typer.Option(None, "--config", help="node.toml whose [processing] post-processing "
+                                                              "(keep, order, flips, ...) to calibrate under; default "
+                                                              "the built-in one."),
     device: str = typer.Option("cpu", help="Where the network runs: cpu, cuda or auto."),
 ) -> None:
     """Choose the probability threshold with the best mean Dice on labelled studies."""
     from model.checkpoint import save_operating_point, shipped_checkpoint_path
+    from pacs_node.config import load_config
     from pipeline.calibration import calibrate as run_calibration
     from pipeline.errors import IgtvError
 
@@ -314,8 +318,9 @@ def calibrate(
     except ValueError:
         _fail(ValueError(f"--candidates needs comma-separated numbers, not {candidates!r}"))
     try:
+        settings = load_config(config).processing if config is not None else None
         result = run_calibration(list(data), checkpoint=checkpoint, candidates=values, roi_names=list(roi),
-                                 device=device)
+                                 settings=settings, device=device)
         typer.echo(result.table())
         if out is not None:
             source = checkpoint if checkpoint is not None else shipped_checkpoint_path()

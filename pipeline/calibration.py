@@ -1,8 +1,8 @@
 """``igtv-node calibrate``: choose a checkpoint's probability threshold on labelled studies.
 
-Each study is predicted once; the node's post-processing (small components
-removed, lesions ranked and kept as in :class:`~pipeline.settings.ProcessSettings`)
-then runs at every candidate threshold, and the threshold with the highest mean
+Each study is predicted once; the post-processing (small components removed,
+lesions ranked and kept as in the given :class:`~pipeline.settings.ProcessSettings`,
+by default the node's defaults) then runs at every candidate threshold, and the threshold with the highest mean
 Dice is chosen. Ties go to the candidate nearest 0.5. Calibrate on studies that
 neither trained the model nor will report its final accuracy.
 """
@@ -57,7 +57,7 @@ class Calibration:
         """The threshold with the highest mean Dice (ties: the one nearest 0.5, then the lower)."""
         best = self.mean.max()
         tied = [t for t, m in zip(self.thresholds, self.mean, strict=True) if m >= best - 1e-12]
-        return min(tied, key=lambda t: (abs(t - 0.5), t))
+        return min(tied, key=lambda t: (round(abs(t - 0.5), 9), t))
 
     def table(self) -> str:
         """Markdown table: mean Dice per threshold, overall and by target size."""

@@ -217,6 +217,8 @@ def run_evaluation(
     from model.predict import Predictor
     from pipeline.training import find_studies
 
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     models = {"SIM-Mamba": Predictor.load(checkpoint, device=device)}
     for name, path in (extra or {}).items():
         models[name] = Predictor.load(path, device=device)

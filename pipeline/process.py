@@ -196,7 +196,7 @@ def process_study(
             "selection_notes": list(chosen.notes),
             "postprocessing": {
                 "threshold": threshold,
-                "threshold_from": "checkpoint" if settings.threshold is None else "settings",
+                "threshold_from": threshold_source(settings, predictor),
                 "min_component_cc": settings.min_component_cc,
                 "keep_components": settings.keep_components,
                 "lesion_order": settings.lesion_order,
@@ -223,6 +223,13 @@ def load_predictor(checkpoint: Path | None, device: str) -> object:
     from model.predict import Predictor
 
     return Predictor.load(checkpoint, device=device)
+
+
+def threshold_source(settings: ProcessSettings, predictor: object) -> str:
+    """Where the applied threshold came from: "settings", "checkpoint" (calibrated) or "default"."""
+    if settings.threshold is not None:
+        return "settings"
+    return "checkpoint" if "operating_point" in getattr(predictor, "metadata", {}) else "default"
 
 
 def node_version() -> str:

@@ -68,6 +68,18 @@ def test_operating_point_is_written_beside_unchanged_weights(tmp_path):
         with pytest.raises(CheckpointError, match="strictly between 0 and 1"):
             save_operating_point(path, tmp_path / "bad.safetensors", bad, {})
     assert not (tmp_path / "bad.safetensors").exists()
+    save_operating_point(path, out, 0.3, {"threshold": 0.9})  # the calibration record cannot override it
+    assert Predictor.load(out).threshold == 0.3
+
+
+@pytest.mark.parametrize("point", [{"threshold": None}, {"threshold": 5.0}, {"threshold": True}, ["0.3"]])
+def test_a_hand_edited_operating_point_is_refused_when_loading(tmp_path, point):
+    net, path = _saved(tmp_path)
+    meta = json.loads(metadata_path(path).read_text())
+    meta["operating_point"] = point
+    metadata_path(path).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="operating_point threshold"):
+        Predictor.load(path)
 
 
 def test_operating_point_refuses_weights_that_do_not_match(tmp_path):
@@ -174,10 +186,18 @@ def test_test_time_flips_average_the_flipped_passes(tmp_path):
         pred.predict(inputs, flips="ud")
 
 
-def test_read_only_inputs_are_copied_not_wrapped(recwarn):
+def test_read_only_inputs_are_copied_not_wrapped(monkeypatch):
     net = build_network(NetConfig(slices=1, widths=(4, 8, 8, 8), d_state=4)).eval()
     pred = Predictor(net, Preprocessing(slices=1), "k1")
     inputs = np.zeros((3, 2, 1, 32, 32), np.float32)
     inputs.setflags(write=False)
+    wrapped = []
+    real = torch.from_numpy
+
+    def from_numpy(array):
+        wrapped.append(array.flags.writeable)
+        return real(array)
+
+    monkeypatch.setattr(torch, "from_numpy", from_numpy)
     assert pred.predict(inputs, batch_size=2).shape == (3, 32, 32)
-    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    assert len(wrapped) >= 2 and all(wrapped)

@@ -91,3 +91,7 @@ def test_calibrate_command_writes_the_chosen_threshold(small_study, tmp_path):
     assert out_path.read_bytes() == shipped_checkpoint_path().read_bytes()
     out = runner.invoke(app, ["calibrate", str(small_study), "--candidates", "0.3,x"])
     assert out.exit_code != 0 and "comma-separated numbers" in out.output
+    out = runner.invoke(app, ["calibrate", str(small_study), "--config", str(tmp_path / "nope.toml")])
+    assert out.exit_code != 0 and "does not exist" in out.output
+    out = runner.invoke(app, ["evaluate", str(small_study), "--threshold", "50"])
+    assert out.exit_code != 0 and "strictly between 0 and 1" in out.output

@@ -75,3 +75,8 @@ def test_evaluate_command_on_a_labelled_study(small_study, tmp_path):
         assert result["summary"][method]["dice_mean"] == pytest.approx(case[method]["dice"])
     saved = json.loads(out.read_text())
     assert saved["by_size"].keys() == {"SIM-Mamba", "SUV40"} and "IGTV <" in saved["table"]
+
+
+def test_a_threshold_outside_zero_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        run_evaluation([tmp_path], threshold=50, echo=False)

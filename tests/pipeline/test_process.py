@@ -69,6 +69,7 @@ def test_outputs_are_written_and_described(oracle_run):
     assert any("SEG" in what or "seg" in why.lower() for what, why in result.skipped)
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["version"] == "oracle-1"
+    assert report["postprocessing"]["threshold"] == 0.5 and report["postprocessing"]["threshold_from"] == "default"
     assert {"load", "suv", "register", "stacks", "inference", "writers"} <= set(report["timings_s"])
 
 
@@ -96,7 +97,8 @@ def test_rerun_replaces_results_with_the_same_uids(oracle_run, small_study, tmp_
 def test_threshold_is_the_checkpoints_unless_the_settings_override_it(oracle_run, small_study, tmp_path):
     oracle, _, _ = oracle_run
     unsure = OraclePredictor.__new__(OraclePredictor)
-    unsure.__dict__.update(oracle.__dict__, answer=oracle.answer * 0.6, threshold=0.7)
+    unsure.__dict__.update(oracle.__dict__, answer=oracle.answer * 0.6, threshold=0.7,
+                           metadata={"operating_point": {"threshold": 0.7}})
     files = sorted(small_study.rglob("*.dcm"))
     own = process_study(files, tmp_path / "own", ProcessSettings(), predictor=unsure).report
     assert not own["target_found"]
