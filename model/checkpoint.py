@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -33,12 +32,11 @@ from safetensors.torch import load_file, save_file
 from model.ensemble import Ensemble
 from model.errors import CheckpointError
 from model.network import NetConfig, SimMamba, build_network
+from model.operating_point import DEFAULT_THRESHOLD, is_threshold
 from model.preprocessing import Preprocessing
 
 SHIPPED_NAME = "igtv_sim_mamba.safetensors"
 FORMAT = "igtv-sim-mamba/1"
-#: Probability threshold of a checkpoint that carries no calibrated operating point.
-DEFAULT_THRESHOLD = 0.5
 
 
 def metadata_path(path: Path) -> Path:
@@ -103,6 +101,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _check_weights_digest(path: Path, meta: dict[str, Any]) -> None:
+    """Raise CheckpointError when the weights file differs from the SHA-256 in its metadata."""
+    digest = meta.get("weights_sha256")
+    if digest and digest != _sha256(path):
+        raise CheckpointError(f"checkpoint {path}: weights do not match the SHA-256 in {metadata_path(path).name}")
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file; anything else is refused (no unpickling)."""
     path = Path(path)
@@ -131,9 +136,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[st
     path = Path(path)
     meta = read_metadata(path)
     tensors = load_weights(path)
-    digest = meta.get("weights_sha256")
-    if digest and digest != _sha256(path):
-        raise CheckpointError(f"checkpoint {path}: weights do not match the SHA-256 in {metadata_path(path).name}")
+    _check_weights_digest(path, meta)
     operating_threshold(meta)  # a bad operating point fails here, not at the first study
     model = _build(path, meta)
     try:
@@ -208,7 +211,7 @@ def operating_threshold(meta: dict[str, Any]) -> float:
     if point is None:
         return DEFAULT_THRESHOLD
     value = point.get("threshold") if isinstance(point, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+    if not is_threshold(value):
         raise CheckpointError(f"checkpoint operating_point threshold must lie strictly between 0 and 1, got {value!r}")
     return float(value)
 
@@ -224,13 +227,12 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
     objects rather than silent replacements.
     """
     src, out = Path(src), Path(out)
-    if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
+    if not is_threshold(threshold):
         raise CheckpointError(f"operating threshold must lie strictly between 0 and 1, got {threshold}")
     if out.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint {out}: the weights file must end in .safetensors")
     meta = read_metadata(src)
-    if meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(src):
-        raise CheckpointError(f"checkpoint {src}: weights do not match the SHA-256 in {metadata_path(src).name}")
+    _check_weights_digest(src, meta)
     meta["operating_point"] = {**calibration, "threshold": float(threshold)}
     meta.setdefault("weights_version", meta.get("version", "unknown"))
     meta["version"] = f"{meta['weights_version']}-t{threshold:g}"

@@ -296,8 +296,8 @@ def evaluate(
 def calibrate(
     data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies not used in training."),
     checkpoint: Path | None = typer.Option(None, help="Checkpoint to calibrate; default the shipped model."),
-    candidates: str = typer.Option("0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6", "--candidates",
-                                   help="Comma-separated probability thresholds to try."),
+    candidates: str | None = typer.Option(None, "--candidates", help="Comma-separated probability thresholds to "
+                                                                     "try; default 0.2 to 0.6 in steps of 0.05."),
     roi: list[str] = typer.Option(["IGTV", "ITV"], "--roi", help="Target ROI name(s)."),
     out: Path | None = typer.Option(None, "--out", help="Write the checkpoint with the chosen threshold here "
                                                         "(may be the checkpoint itself); without it, only report."),
@@ -309,12 +309,13 @@ def calibrate(
     """Choose the probability threshold with the best mean Dice on labelled studies."""
     from model.checkpoint import save_operating_point, shipped_checkpoint_path
     from pacs_node.config import load_config
+    from pipeline.calibration import DEFAULT_CANDIDATES
     from pipeline.calibration import calibrate as run_calibration
     from pipeline.errors import IgtvError
 
     _setup_logging("WARNING")
     try:
-        values = [float(v) for v in candidates.split(",") if v.strip()]
+        values = list(DEFAULT_CANDIDATES) if candidates is None else [float(v) for v in candidates.split(",") if v.strip()]
     except ValueError:
         _fail(ValueError(f"--candidates needs comma-separated numbers, not {candidates!r}"))
     try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from model.operating_point import is_threshold
 from pipeline.errors import IgtvError
 from pipeline.settings import ProcessSettings
 
@@ -204,7 +205,7 @@ def validate_config(cfg: NodeConfig) -> None:
     if cfg.listener.tls.enabled and not (cfg.listener.tls.cert and cfg.listener.tls.key):
         raise ConfigError("listener.tls.enabled needs listener.tls.cert and listener.tls.key")
     threshold = cfg.processing.threshold
-    if threshold is not None and (not isinstance(threshold, (int, float)) or not 0 < threshold < 1):
+    if threshold is not None and not is_threshold(threshold):
         raise ConfigError(f"processing.threshold must lie strictly between 0 and 1, got {threshold!r}")
     if cfg.processing.register not in {"auto", "always", "never"}:
         raise ConfigError("processing.register must be auto, always or never")

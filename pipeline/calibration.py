@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from model.metrics import dice
+from model.operating_point import is_threshold
 from pipeline.errors import LabelError
 from pipeline.evaluation import SMALL_TARGET_CC, case_probabilities, load_case, postprocess_case
 from pipeline.settings import ProcessSettings
@@ -115,7 +116,7 @@ def calibrate(
     from pipeline.training import find_studies
 
     thresholds = sorted({float(t) for t in candidates})
-    if not thresholds or not all(0.0 < t < 1.0 for t in thresholds):
+    if not thresholds or not all(is_threshold(t) for t in thresholds):
         raise ValueError(f"candidate thresholds must lie strictly between 0 and 1, got {list(candidates)}")
     settings = settings or ProcessSettings()
     refs = [r for r in find_studies(list(data)) if r.label_series]

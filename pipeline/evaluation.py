@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from model.metrics import dice, hd95, volume_ratio
+from model.operating_point import is_threshold
 from pipeline.errors import LabelError
 from pipeline.settings import ProcessSettings
 
@@ -217,8 +218,9 @@ def run_evaluation(
     from model.predict import Predictor
     from pipeline.training import find_studies
 
-    if threshold is not None and not 0.0 < threshold < 1.0:
+    if threshold is not None and not is_threshold(threshold):
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    settings = ProcessSettings(threshold=threshold)
     models = {"SIM-Mamba": Predictor.load(checkpoint, device=device)}
     for name, path in (extra or {}).items():
         models[name] = Predictor.load(path, device=device)
@@ -231,7 +233,7 @@ def run_evaluation(
         case = load_case(ref, roi_names)
         row: dict[str, Any] = {"study": case.study_uid, "truth_cc": float(case.truth.sum() * np.prod(case.spacing_zyx) / 1000)}
         for name, predictor in models.items():
-            row[name] = case_metrics(predict_case(case, predictor, ProcessSettings(threshold=threshold)), case.truth, case.spacing_zyx)
+            row[name] = case_metrics(predict_case(case, predictor, settings), case.truth, case.spacing_zyx)
         if baselines:
             import SimpleITK as sitk
 
@@ -245,7 +247,7 @@ def run_evaluation(
     by_size = size_breakdown(rows, methods)
     table = format_table(summary) + "\n\n" + format_size_table(by_size)
     versions = {name: p.version for name, p in models.items()}
-    thresholds = {name: ProcessSettings(threshold=threshold).threshold_for(p.threshold) for name, p in models.items()}
+    thresholds = {name: settings.threshold_for(p.threshold) for name, p in models.items()}
     result = {"cases": rows, "summary": summary, "by_size": by_size, "table": table, "versions": versions,
               "thresholds": thresholds, "roi_names": list(roi_names)}
     if echo:
