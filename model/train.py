@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Soft-Dice modes of :func:`dice_bce_loss` (``TrainConfig.dice``).
 DICE_MODES = ("batch", "sample")
+#: Training targets on the model grid (``TrainConfig.labels``): "majority", a pixel is target
+#: when at least half of its CT pixels are; "area", the fraction of the pixel the target
+#: covers, so the network learns sub-pixel boundaries that bilinear upsampling recovers.
+LABEL_MODES = ("majority", "area")
 
 
 @dataclass
@@ -51,7 +55,8 @@ class StudySamples:
     planes:
         (N + K - 1, 2, H, W) float32/float16 normalised PET and CT planes.
     labels:
-        (N, H, W) uint8 target of each stack's centre slice.
+        (N, H, W) target of each stack's centre slice: uint8 0/1 (majority labels) or
+        float area fractions in [0, 1]; a pixel counts as target from 0.5 (:meth:`target`).
     spacing_mm:
         (slice spacing, pixel spacing) of the model grid.
     """
@@ -66,6 +71,10 @@ class StudySamples:
             raise ValueError(f"{self.name}: planes must be (M, 2, H, W), got {self.planes.shape}")
         if self.labels.ndim != 3 or self.labels.shape[1:] != self.planes.shape[2:]:
             raise ValueError(f"{self.name}: labels {self.labels.shape} do not fit planes {self.planes.shape}")
+
+    def target(self, i: int | slice = slice(None)) -> np.ndarray:
+        """Boolean target of stack(s) ``i``: label >= 0.5, for majority and area labels alike."""
+        return self.labels[i] >= 0.5
 
     @property
     def k(self) -> int:
@@ -113,6 +122,8 @@ class TrainConfig:
     mine_every: int = 0
     mined_fraction: float = 0.5
     mine_threshold: float = 0.5
+    # what the samples' labels are (LABEL_MODES): "area" keeps them soft through augmentation
+    labels: str = "majority"
 
 
 def seed_everything(seed: int) -> None:
@@ -150,7 +161,7 @@ class PatchSampler:
         self.studies = list(studies)
         self.cfg = cfg
         self.rng = rng
-        self.positive = [np.flatnonzero(s.labels.reshape(len(s.labels), -1).any(1)) for s in self.studies]
+        self.positive = [np.flatnonzero(s.target().reshape(len(s.labels), -1).any(1)) for s in self.studies]
         self.mined = list(mined) if mined is not None else None
         self.with_mined = [i for i, m in enumerate(self.mined or []) if len(m)]
 
@@ -166,7 +177,7 @@ class PatchSampler:
         pos = self.positive[si]
         if r < cfg.target_fraction and len(pos):
             i = int(rng.choice(pos))
-            ys, xs = np.nonzero(s.labels[i])
+            ys, xs = np.nonzero(s.target(i))
             j = int(rng.integers(len(ys)))
             jitter = cfg.patch // 3
             cy = int(ys[j] + rng.integers(-jitter, jitter + 1))
@@ -208,7 +219,9 @@ class PatchSampler:
 def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flips, rotation/scaling, intensity jitter and PET/CT misregistration.
 
-    x: (B, 2, K, H, W); y: (B, 1, H, W) in {0, 1}.
+    x: (B, 2, K, H, W); y: (B, 1, H, W) in [0, 1]. Majority labels (``cfg.labels``) stay
+    0/1 (resampled, then thresholded at 0.5); area labels are resampled bilinearly and stay
+    fractions.
     """
     b, m, k, h, w = x.shape
     dev = x.device
@@ -231,7 +244,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
     grid_pet = F.affine_grid(theta_pet, (b, k, h, w), align_corners=False)
     pet = F.grid_sample(x[:, 0], grid_pet, mode="bilinear", padding_mode="zeros", align_corners=False)
     ct = F.grid_sample(x[:, 1] + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.labels == "majority":
+        y = (y > 0.5).float()
     pet = pet * (1 + (rnd(b, 1, 1, 1) * 2 - 1) * cfg.pet_gain)
     ct = ct + (rnd(b, 1, 1, 1) * 2 - 1) * cfg.ct_shift
     return torch.stack([pet.clamp(0, 1.5), ct.clamp(-1, 1)], dim=1), y
@@ -279,7 +294,7 @@ def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig
     from model.metrics import dice
 
     model.eval()
-    scores = [dice(predict_study(model, s) >= 0.5, s.labels > 0) for s in studies]
+    scores = [dice(predict_study(model, s) >= 0.5, s.target()) for s in studies]
     return {"val_dice": float(np.mean(scores)) if scores else float("nan"), "val_cases": len(scores)}
 
 
@@ -307,7 +322,7 @@ def mine_false_positives(
     mined = []
     for s in studies:
         probs = predict_study(model, s)
-        near = torch.from_numpy((s.labels > 0).astype(np.float32))[:, None]
+        near = torch.from_numpy(s.target().astype(np.float32))[:, None]
         near = F.max_pool2d(near, 2 * margin_px + 1, stride=1, padding=margin_px)[:, 0].numpy() > 0
         found = np.argwhere((probs >= threshold) & ~near).astype(np.int32)
         if len(found) > limit:
@@ -474,6 +489,8 @@ def train_model(
     from model.device import resolve_device
 
     cfg = cfg or TrainConfig()
+    if cfg.labels not in LABEL_MODES:
+        raise ValueError(f"unknown label mode {cfg.labels!r}; choose one of {LABEL_MODES}")
     out = Path(out)
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)

@@ -234,6 +234,7 @@ def train(
     threads: int = typer.Option(2, help="torch CPU threads."),
     dice_loss: str = typer.Option("batch", help="Soft Dice over the whole batch ('batch') or per target patch ('sample': small tumours weigh as much as large ones)."),
     mine_every: int = typer.Option(0, help="Every N epochs, draw half the hard negatives at the model's own false positives on the training studies (0 = off)."),
+    labels: str = typer.Option("area", help="Model-grid targets: 'area' (fraction of each 2 mm pixel inside the label: sub-pixel boundaries) or 'majority' (0/1 by majority of its CT pixels)."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError
@@ -247,6 +248,7 @@ def train(
                 epochs=epochs, seed=seed, cache=cache, val_fraction=val_fraction, resume=resume,
                 device=device, workers=workers, batch_size=batch_size, patch=patch,
                 samples_per_epoch=samples_per_epoch, lr=lr, threads=threads, dice=dice_loss, mine_every=mine_every,
+                labels=labels,
             )
         )
     except IgtvError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from model.preprocessing import Preprocessing
-from model.train import DICE_MODES, StudySamples, TrainConfig, train_model
+from model.train import DICE_MODES, LABEL_MODES, StudySamples, TrainConfig, train_model
 from pipeline.errors import LabelError, PipelineError
 from pipeline.uids import validate_uid
 
@@ -58,6 +58,7 @@ class TrainRequest:
     patch: int = 64
     dice: str = "batch"
     mine_every: int = 0
+    labels: str = "area"
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -112,16 +113,20 @@ def _label_mask(ref: StudyRef, ct: Any, roi_names: Sequence[str]) -> tuple[np.nd
     raise LabelError(f"study {ref.study_uid}: no label named {list(roi_names)} ({detail})")
 
 
-def _cache_key(study_uid: str, roi_names: Sequence[str], prep: Preprocessing) -> str:
-    blob = json.dumps({"roi": sorted(n.lower() for n in roi_names), "prep": prep.to_dict()}, sort_keys=True)
+def _cache_key(study_uid: str, roi_names: Sequence[str], prep: Preprocessing, labels: str) -> str:
+    blob = json.dumps({"roi": sorted(n.lower() for n in roi_names), "prep": prep.to_dict(), "labels": labels},
+                      sort_keys=True)
     return f"{validate_uid(study_uid)}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.npz"
 
 
-def build_samples(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing) -> StudySamples:
+def build_samples(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing,
+                  labels: str = "area") -> StudySamples:
     """Run one study through the inference path and put its label on the model grid.
 
     The K slices of every stack are ordered inferior to superior, as in
-    ``StackSet.inputs``.
+    ``StackSet.inputs``. ``labels`` (:data:`model.train.LABEL_MODES`): "area" gives each
+    model pixel the fraction of it the target covers (float16), "majority" 1 where at
+    least half of its CT pixels are target (uint8).
     """
     from pipeline import geometry, reader, selection, stacks, suv
 
@@ -134,22 +139,29 @@ def build_samples(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing) 
     mask, source = _label_mask(ref, ct, roi_names)
     if not mask.any():
         raise LabelError(f"study {ref.study_uid}: label {source} is empty")
-    labels = stackset.labels_from_ct_grid(mask)
+    if labels == "area":
+        target = stackset.to_model_grid(mask.astype(np.float32)).astype(np.float16)
+    elif labels == "majority":
+        target = stackset.labels_from_ct_grid(mask)
+    else:
+        raise PipelineError(f"unknown label mode {labels!r}; choose one of {LABEL_MODES}")
     planes = stackset.planes
     if not stackset.canonical.z_superior:  # inputs reverse K; reverse the study instead
-        planes, labels = planes[::-1], labels[::-1]
+        planes, target = planes[::-1], target[::-1]
     z_spacing = float(ct.image.GetSpacing()[2])
-    log.info("study %s: %d stacks of %dx%d, label from %s (%d positive slices)",
-             ref.study_uid, len(labels), *labels.shape[1:], source, int(labels.reshape(len(labels), -1).any(1).sum()))
-    return StudySamples(ref.study_uid, np.ascontiguousarray(planes), np.ascontiguousarray(labels),
-                        (z_spacing, prep.pixel_spacing_mm))
+    samples = StudySamples(ref.study_uid, np.ascontiguousarray(planes), np.ascontiguousarray(target),
+                           (z_spacing, prep.pixel_spacing_mm))
+    log.info("study %s: %d stacks of %dx%d, %s label from %s (%d positive slices)", ref.study_uid,
+             len(target), *target.shape[1:], labels, source, int(samples.target().reshape(len(target), -1).any(1).sum()))
+    return samples
 
 
 def save_samples(path: Path, s: StudySamples) -> None:
-    """Write samples as an npz without pickled objects (planes stored as float16)."""
+    """Write samples as an npz without pickled objects (planes float16; labels uint8 or float16)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, planes=s.planes.astype(np.float16), labels=s.labels.astype(np.uint8),
+    labels = s.labels.astype(np.uint8) if s.labels.dtype == np.uint8 else s.labels.astype(np.float16)
+    np.savez(tmp, planes=s.planes.astype(np.float16), labels=labels,
              spacing=np.asarray(s.spacing_mm, dtype=np.float64), name=np.asarray(s.name))
     tmp.replace(path)
 
@@ -160,21 +172,22 @@ def load_samples(path: Path) -> StudySamples:
         return StudySamples(str(z["name"]), z["planes"], z["labels"], tuple(float(v) for v in z["spacing"]))
 
 
-def prepare_sample_file(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing, path: Path) -> Path:
+def prepare_sample_file(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing, labels: str,
+                        path: Path) -> Path:
     """Build one study's samples and write them to ``path`` (a worker-process entry point)."""
-    save_samples(path, build_samples(ref, roi_names, prep))
+    save_samples(path, build_samples(ref, roi_names, prep, labels))
     return path
 
 
 def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Preprocessing, cache: Path,
-                   progress: bool = False, workers: int = 1) -> list[StudySamples]:
+                   progress: bool = False, workers: int = 1, labels: str = "area") -> list[StudySamples]:
     """Samples of every study, from the cache when present (built and cached otherwise).
 
     Missing studies are built by ``workers`` processes (each runs the whole
     DICOM path, about 1.5 GB peak for a full-size study).
     """
     refs = list(refs)
-    paths = [Path(cache) / _cache_key(ref.study_uid, roi_names, prep) for ref in refs]
+    paths = [Path(cache) / _cache_key(ref.study_uid, roi_names, prep, labels) for ref in refs]
     missing = [(ref, path) for ref, path in zip(refs, paths, strict=True) if not path.is_file()]
     bar = None
     if progress and missing:
@@ -189,14 +202,14 @@ def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Pre
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(prepare_sample_file, ref, list(roi_names), prep, path) for ref, path in missing]
+                futures = [pool.submit(prepare_sample_file, ref, list(roi_names), prep, labels, path) for ref, path in missing]
                 for fut in as_completed(futures):
                     fut.result()
                     if bar:
                         bar.advance(task)
         else:
             for ref, path in missing:
-                prepare_sample_file(ref, roi_names, prep, path)
+                prepare_sample_file(ref, roi_names, prep, labels, path)
                 if bar:
                     bar.advance(task)
     finally:
@@ -227,13 +240,16 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         prep = Preprocessing(slices=req.slices) if req.slices else Preprocessing()
     if req.dice not in DICE_MODES:
         raise PipelineError(f"unknown Dice loss {req.dice!r}; choose one of {DICE_MODES}")
+    if req.labels not in LABEL_MODES:
+        raise PipelineError(f"unknown label mode {req.labels!r}; choose one of {LABEL_MODES}")
     if req.mine_every < 0:
         raise PipelineError(f"mine_every must be 0 (off) or a number of epochs, got {req.mine_every}")
     refs = find_studies(req.data)
     refs = [r for r in refs if r.label_series]
     if not refs:
         raise LabelError(f"no labelled study (SEG or RTSTRUCT beside PET/CT) under {[str(p) for p in req.data]}")
-    samples = cached_samples(refs, req.roi_names, prep, req.cache, progress=req.progress, workers=req.workers)
+    samples = cached_samples(refs, req.roi_names, prep, req.cache, progress=req.progress, workers=req.workers,
+                             labels=req.labels)
     by_uid = {s.name: s for s in samples}
     train_uids, val_uids = split_studies(list(by_uid), req.val_fraction, req.seed)
     net_cfg = None
@@ -245,7 +261,7 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         epochs=req.epochs, seed=req.seed, freeze=list(req.freeze), threads=req.threads,
         samples_per_epoch=req.samples_per_epoch, batch_size=req.batch_size, patch=req.patch, device=req.device,
         lr=req.lr if req.lr is not None else (1e-3 if req.init is not None else 2e-3),
-        dice=req.dice, mine_every=req.mine_every,
+        dice=req.dice, mine_every=req.mine_every, labels=req.labels,
     )
     description = {
         "training_data": {

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from blobs import blob_study
+from scipy import ndimage
 
 from model.checkpoint import load_checkpoint, metadata_path
 from model.network import NetConfig
@@ -15,6 +16,7 @@ from model.preprocessing import Preprocessing
 from model.train import (
     BatchPrefetcher,
     PatchSampler,
+    StudySamples,
     TrainConfig,
     augment,
     dice_bce_loss,
@@ -74,6 +76,53 @@ def test_augment_keeps_shapes_and_binary_labels():
     assert xa.shape == x.shape and ya.shape == y.shape
     assert set(torch.unique(ya).tolist()) <= {0.0, 1.0}
     assert xa[:, 1].min() >= -1 and xa[:, 1].max() <= 1
+
+
+def _area_blob(seed: int) -> StudySamples:
+    """A blob study whose labels are area fractions: 0.6 inside, 0.3 on a one-pixel rim."""
+    s = blob_study(seed)
+    inside = s.labels.astype(bool)
+    rim = ndimage.binary_dilation(inside, structure=np.ones((1, 3, 3), bool)) & ~inside
+    soft = np.where(inside, 0.6, np.where(rim, 0.3, 0.0)).astype(np.float16)
+    return StudySamples(s.name, s.planes, soft, s.spacing_mm)
+
+
+def test_area_labels_stay_fractions_through_augmentation():
+    s = _area_blob(0)
+    x = torch.from_numpy(np.stack([s.stack(3)[..., :32, :32]] * 4))
+    y = torch.from_numpy(s.labels[3:4, :32, :32].astype(np.float32))[None].repeat(4, 1, 1, 1)
+    _, ya = augment(x, y, _cfg(labels="area"), torch.Generator().manual_seed(0))
+    assert ya.min() >= 0 and ya.max() <= 0.6 + 1e-3  # 0.6 as float16
+    assert ((ya > 0.05) & (ya < 0.55)).any()  # fractions, not a thresholded mask
+    # without any geometric change the soft label comes through unchanged
+    still = _cfg(labels="area", flip_lr=0.0, rotate_deg=0.0, scale=0.0)
+    _, ys = augment(x, y, still, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ys, y, atol=1e-5, rtol=0)
+    # the same labels under majority mode are thresholded: 0.6 -> 1, 0.3 -> 0
+    _, ym = augment(x, y, _cfg(labels="majority", flip_lr=0.0, rotate_deg=0.0, scale=0.0),
+                    torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ym, (y > 0.5).float())
+
+
+def test_area_labels_centre_target_patches_on_pixels_at_least_half_covered():
+    studies = [_area_blob(s) for s in range(2)]
+    sampler = PatchSampler(studies, _cfg(labels="area", target_fraction=1.0, patch=16), np.random.default_rng(3))
+    for s, pos in zip(studies, sampler.positive, strict=True):
+        assert pos.tolist() == np.flatnonzero(s.target().any(axis=(1, 2))).tolist()
+    drawn = [sampler.draw()[1] for _ in range(20)]
+    assert all(y.max() == pytest.approx(0.6, abs=1e-3) for y in drawn)  # every target patch holds target
+
+
+def test_training_on_area_labels_learns_and_refuses_unknown_modes(tmp_path):
+    train = [_area_blob(s) for s in range(4)]
+    val = [_area_blob(100 + s) for s in range(2)]
+    res = train_model(train, val, tmp_path / "a.safetensors", PREP, NET,
+                      _cfg(epochs=3, samples_per_epoch=96, lr=1e-2, labels="area"), progress=False)
+    assert res["best"]["val_dice"] > 0.5
+    _, meta = load_checkpoint(tmp_path / "a.safetensors")
+    assert meta["training"]["labels"] == "area"
+    with pytest.raises(ValueError, match="label mode"):
+        train_model(train, [], tmp_path / "b.safetensors", PREP, NET, _cfg(epochs=1, labels="soft"), progress=False)
 
 
 def test_prefetched_batches_match_inline_draws():

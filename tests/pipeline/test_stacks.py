@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from model import metrics
 from model.preprocessing import Preprocessing
 from pipeline.stacks import AxisMap, build_stacks
 from pipeline.volume import SeriesVolume
@@ -116,6 +117,24 @@ def test_ct_grid_mask_round_trip_keeps_shape_and_position(stackset):
         assert dice > (0.96 if radius < 20 else 0.97)
         shift = (np.subtract(ndimage.center_of_mass(back), ndimage.center_of_mass(truth)) * (3.0, 0.98, 0.98))
         assert np.abs(shift).max() < 0.3
+
+
+def test_area_labels_recover_small_targets_better_than_majority_labels(stackset):
+    # The training targets of `igtv-node train --labels area`: a network that reproduces the
+    # area fractions gives back, through bilinear upsampling and >= 0.5, a small target far
+    # closer to the truth than one that reproduces 0/1 majority labels.
+    s, _ct, _pet = stackset
+    points = GRID.points()
+    for radius in (4.0, 6.0, 9.0):
+        truth = np.linalg.norm(points - LESION, axis=-1) <= radius
+        area = s.to_model_grid(truth.astype(np.float32))
+        assert 0.0 <= area.min() and area.max() <= 1.0
+        assert 0.0 < area[(area > 0) & (area < 1)].size  # fractional boundary pixels
+        # area fractions keep the target's volume (model pixel 2x2 mm, CT slices 3 mm)
+        assert area.sum() * 4.0 == pytest.approx(truth.sum() * 0.98 * 0.98, rel=1e-3)
+        soft = metrics.dice(s.to_ct_grid(area) >= 0.5, truth)
+        hard = metrics.dice(s.to_ct_grid(s.labels_from_ct_grid(truth).astype(np.float32)) >= 0.5, truth)
+        assert soft > 0.93 and soft > hard + 0.02, (radius, soft, hard)
 
 
 def test_to_ct_grid_places_each_stack_on_its_slice_and_zeroes_the_rest(stackset):

@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, metadata_path
 from model.preprocessing import Preprocessing
-from pipeline.errors import LabelError
+from pipeline.errors import LabelError, PipelineError
 from pipeline.training import (
     TrainRequest,
     cached_samples,
@@ -62,6 +62,27 @@ def test_samples_from_dicom_match_the_label_and_cache_without_pickle(small_study
         cached_samples(refs, ["Heart"], prep, tmp_path)
     save_samples(tmp_path / "x.npz", s)
     assert load_samples(tmp_path / "x.npz").spacing_mm == s.spacing_mm
+
+
+def test_area_and_majority_labels_are_cached_apart_and_agree(small_study, tmp_path):
+    prep = Preprocessing(slices=3)
+    refs = find_studies([small_study])
+    (area,) = cached_samples(refs, ["IGTV"], prep, tmp_path, labels="area")
+    (major,) = cached_samples(refs, ["IGTV"], prep, tmp_path, labels="majority")
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # one cache file per label mode
+    assert area.labels.dtype == np.float16 and major.labels.dtype == np.uint8
+    assert area.labels.min() >= 0 and area.labels.max() <= 1
+    assert ((area.labels > 0) & (area.labels < 1)).any()
+    # same target: the area labels' volume matches the majority labels' to a few per cent,
+    # and their >= 0.5 part is the majority mask up to boundary pixels
+    assert float(area.labels.astype(np.float64).sum()) == pytest.approx(float(major.labels.sum()), rel=0.05)
+    agree = 2 * (area.target() & (major.labels > 0)).sum() / (area.target().sum() + major.labels.sum())
+    assert agree > 0.9
+    path = next(p for p in tmp_path.glob("*.npz") if load_samples(p).labels.dtype == np.float16)
+    assert np.array_equal(load_samples(path).labels, area.labels)
+    with pytest.raises(PipelineError, match="label mode"):
+        run_training(TrainRequest(data=[small_study], out=tmp_path / "x.safetensors", roi_names=["IGTV"],
+                                  labels="soft", progress=False))
 
 
 def test_run_training_writes_checkpoint_and_fine_tunes(synthetic_study_factory, tmp_path):
