@@ -68,6 +68,7 @@ def synth(
     amplitude: float | None = typer.Option(None, help="Tumour SI breathing amplitude in mm (default: drawn per lobe)."),
     amplitude_range: str | None = typer.Option(None, help="Draw the SI amplitude from 'LOW,HIGH' mm for every lobe."),
     diameter: float | None = typer.Option(None, help="Tumour diameter in mm (default: drawn, 5-60)."),
+    diameter_range: str | None = typer.Option(None, help="Draw the tumour diameter log-uniformly from 'LOW,HIGH' mm."),
     lesions: int = typer.Option(1, help="Number of lung tumours."),
     lymph_nodes: bool = typer.Option(True, help="Add mediastinal/hilar lymph nodes (some FDG-avid)."),
     feet_first: bool = typer.Option(False, help="Patient position FFS instead of HFS."),
@@ -97,6 +98,7 @@ def synth(
         options = SynthOptions(
             motion=motion, small=small, amplitude_mm=amplitude, diameter_mm=diameter, n_lesions=lesions,
             amplitude_range_mm=numbers(amplitude_range, 2, "--amplitude-range"),
+            diameter_range_mm=numbers(diameter_range, 2, "--diameter-range"),
             lymph_nodes=lymph_nodes, feet_first=feet_first, compress=compress, pet_offset_mm=offset,
             pet_slice_mm=pet_slice,
         )

@@ -201,10 +201,10 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
                            float(r_les.uniform(0, 1)))
     z_lo, z_hi = _ct_z_range(r_geo, options, model)
     diameter = options.diameter_mm
-    if diameter is None and options.small:  # coarse test grids: keep the tumour several voxels wide
+    if diameter is None and options.small and options.diameter_range_mm is None:  # coarse test grids: keep the tumour several voxels wide
         diameter = float(r_les.uniform(18, 45))
     tumours = place_tumours(r_les, model, options.n_lesions, diameter, options.amplitude_mm, static,
-                            options.necrosis, (z_lo, z_hi), options.amplitude_range_mm)
+                            options.necrosis, (z_lo, z_hi), options.amplitude_range_mm, options.diameter_range_mm)
     max_si = max(abs(float(t.amplitude_lps[2])) for t in tumours)
     dia_drawn = float(r_les.uniform(8, 22))
     dia_amp = 0.0 if static else max(1.15 * max_si, dia_drawn)

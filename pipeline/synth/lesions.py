@@ -24,8 +24,13 @@ def _lobe_of(rel: np.ndarray, carina_z: float) -> np.ndarray:
     return out
 
 
-def sample_diameter(rng: np.random.Generator) -> float:
-    """Tumour equivalent diameter (mm): mostly 10-60 mm, a few small nodules."""
+def sample_diameter(rng: np.random.Generator, range_mm: tuple[float, float] | None = None) -> float:
+    """Tumour equivalent diameter (mm): mostly 10-60 mm, a few small nodules.
+
+    With ``range_mm`` (low, high), log-uniform in that range instead.
+    """
+    if range_mm is not None:
+        return float(np.exp(rng.uniform(np.log(range_mm[0]), np.log(range_mm[1]))))
     if rng.random() < 0.12:
         return float(rng.uniform(5, 10))
     return float(np.exp(rng.uniform(np.log(10), np.log(60))))
@@ -34,12 +39,15 @@ def sample_diameter(rng: np.random.Generator) -> float:
 def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter_mm: float | None,
                   amplitude_mm: float | None, static: bool, necrosis: bool | None,
                   z_range_rel: tuple[float, float] = (-1e4, 1e4),
-                  amplitude_range_mm: tuple[float, float] | None = None) -> list[TumourShape]:
+                  amplitude_range_mm: tuple[float, float] | None = None,
+                  diameter_range_mm: tuple[float, float] | None = None) -> list[TumourShape]:
     """Choose lobe, size, position, uptake and motion of ``n`` tumours inside the lungs.
 
     ``z_range_rel`` (relative to the body centre) keeps the tumours, with their motion,
     inside the imaged range. The SI amplitude is ``amplitude_mm`` if given, else drawn from
     ``amplitude_range_mm`` if given, else from the lobe's typical range (:data:`SI_RANGE`).
+    The diameter is ``diameter_mm`` if given, else drawn by :func:`sample_diameter` (in
+    ``diameter_range_mm`` if given).
     """
     p = model.p
     c = np.asarray(p.centre)
@@ -56,7 +64,7 @@ def place_tumours(rng: np.random.Generator, model: ThoraxModel, n: int, diameter
     tumours: list[TumourShape] = []
     for _ in range(n):
         for attempt in range(30):
-            d = diameter_mm if diameter_mm is not None else sample_diameter(rng)
+            d = diameter_mm if diameter_mm is not None else sample_diameter(rng, diameter_range_mm)
             d = d if attempt < 10 else d * 0.85 ** (attempt - 9)
             lobe = int(rng.choice(len(LOBES), p=[0.3, 0.07, 0.2, 0.25, 0.18]))
             geometry = sample_shape(rng, d)

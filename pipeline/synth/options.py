@@ -31,6 +31,9 @@ class SynthOptions:
         lobe's typical range (upper 0-8, middle 3-14, lower 8-25 mm).
     diameter_mm:
         Tumour equivalent diameter override (mm); None draws 5-60 mm (18-45 mm in ``small``).
+    diameter_range_mm:
+        (low, high) equivalent diameter range (mm), drawn log-uniformly for every tumour
+        (e.g. small nodules for training); None uses the default draw.
     n_lesions:
         Number of lung tumours (all belong to the GTV/IGTV truth).
     lymph_nodes:
@@ -57,6 +60,7 @@ class SynthOptions:
     amplitude_mm: float | None = None
     amplitude_range_mm: tuple[float, float] | None = None
     diameter_mm: float | None = None
+    diameter_range_mm: tuple[float, float] | None = None
     n_lesions: int = 1
     lymph_nodes: bool = True
     necrosis: bool | None = None
@@ -81,6 +85,12 @@ class SynthOptions:
                 raise SynthOptionsError(f"amplitude_range_mm {self.amplitude_range_mm} must satisfy 0 <= low <= high <= 40")
         if self.diameter_mm is not None and not 3 <= self.diameter_mm <= 80:
             raise SynthOptionsError(f"diameter_mm {self.diameter_mm} outside 3-80 mm")
+        if self.diameter_range_mm is not None:
+            lo, hi = self.diameter_range_mm
+            if not 3 <= lo <= hi <= 80:
+                raise SynthOptionsError(f"diameter_range_mm {self.diameter_range_mm} must satisfy 3 <= low <= high <= 80")
+            if self.diameter_mm is not None:
+                raise SynthOptionsError("give diameter_mm or diameter_range_mm, not both")
         if not 1 <= self.n_lesions <= 5:
             raise SynthOptionsError(f"n_lesions {self.n_lesions} outside 1-5")
         if len(tuple(self.pet_offset_mm)) != 3:

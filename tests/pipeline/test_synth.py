@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from pipeline.synth.generate import SynthOptions, SynthOptionsError, generate_study
+from pipeline.synth.lesions import sample_diameter
 
 
 def _read_series(folder: Path) -> list[pydicom.Dataset]:
@@ -188,6 +189,20 @@ def test_invalid_options_are_rejected():
         generate_study(0, SynthOptions(compress="zip"))
     with pytest.raises(SynthOptionsError, match="amplitude_range_mm"):
         generate_study(0, SynthOptions(amplitude_range_mm=(20.0, 5.0)))
+    with pytest.raises(SynthOptionsError, match="diameter_range_mm"):
+        generate_study(0, SynthOptions(diameter_range_mm=(2.0, 10.0)))
+    with pytest.raises(SynthOptionsError, match="not both"):
+        generate_study(0, SynthOptions(diameter_mm=8.0, diameter_range_mm=(5.0, 10.0)))
+
+
+def test_diameter_range_draws_within_it(synthetic_study_object_factory):
+    study = synthetic_study_object_factory(13, diameter_range_mm=(20.0, 24.0))
+    assert 20.0 * 0.85**3 <= study.case["tumours"][0]["diameter_mm"] <= 24.0  # placement may shrink it
+    rng = np.random.default_rng(0)
+    drawn = [sample_diameter(rng, (5.0, 12.0)) for _ in range(200)]
+    assert 5.0 <= min(drawn) and max(drawn) <= 12.0 and max(drawn) - min(drawn) > 5.0
+    default = [sample_diameter(rng) for _ in range(200)]
+    assert max(default) > 20.0  # the default draw is not confined to the range
 
 
 def test_cli_synth_writes_studies(tmp_path):
