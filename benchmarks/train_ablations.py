@@ -50,7 +50,6 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--only", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--labels", default="majority", help="model-grid targets: majority (the card's ablations) or area")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in a.only.split(","):
@@ -60,7 +59,7 @@ def main() -> None:
             data=list(a.data), out=out, roi_names=["IGTV", "ITV"], epochs=a.epochs, seed=a.seed, cache=a.cache,
             val_fraction=a.val_fraction, resume=True, threads=a.threads, architecture=v["architecture"],
             slices=v["slices"], progress=False, samples_per_epoch=a.samples_per_epoch, batch_size=a.batch_size,
-            patch=a.patch, device=a.device, workers=a.workers, labels=a.labels,
+            patch=a.patch, device=a.device, workers=a.workers,
         ))
         print(f"{name}: best epoch {res['best'].get('epoch')} val Dice {res['best'].get('val_dice'):.4f} -> {out}",
               flush=True)

@@ -4,7 +4,7 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   area ship calibrate eval
+#   ship calibrate eval
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -18,7 +18,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 area ship calibrate eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 ship calibrate eval}
 IGTV=${IGTV:-igtv-node}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
@@ -53,12 +53,12 @@ for stage in $STAGES; do
     pretrain)
         limited $IGTV train "$DATA/pretrain_gtv" --roi GTV --out "$RUNS/pretrain_gtv.safetensors" \
             --epochs 24 --samples-per-epoch 6400 --batch-size 32 --patch 96 --seed 11 --val-fraction 0.1 \
-            --labels majority --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
     finetune)
         limited $IGTV train "$DATA/finetune_igtv" --roi IGTV --init "$RUNS/pretrain_gtv.safetensors" \
             --out "$RUNS/finetune_igtv.safetensors" --epochs 16 --samples-per-epoch 6400 --batch-size 32 \
-            --patch 96 --seed 12 --val-fraction 0.15 --labels majority --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --patch 96 --seed 12 --val-fraction 0.15 --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
     refine)
         # more IGTV studies (the first 32 are finetune_igtv's seeds), a lower learning rate, and
@@ -66,7 +66,7 @@ for stage in $STAGES; do
         limited $IGTV train "$DATA/refine_igtv" --roi IGTV --init "$RUNS/finetune_igtv.safetensors" \
             --out "$RUNS/refine_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
             --patch 96 --seed 13 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 2 \
-            --labels majority --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
     refine2)
         # 256 IGTV studies (refine_igtv + 160 more), from the refined model, hard negatives re-mined every
@@ -74,15 +74,7 @@ for stage in $STAGES; do
         limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine_igtv.safetensors" \
             --out "$RUNS/refine2_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
             --patch 96 --seed 17 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 3 \
-            --labels majority --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
-        ;;
-    area)
-        # the same 256 studies and split as refine2, from the shipped refine2 network, with area-fraction
-        # targets (--labels area: sub-pixel boundaries); hard negatives re-mined every 3 epochs
-        limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine2_igtv.safetensors" \
-            --out "$RUNS/area_igtv.safetensors" --epochs 6 --samples-per-epoch 6400 --batch-size 32 \
-            --patch 96 --seed 17 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 3 \
-            --labels area --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
         ;;
     ship)
         # the shipped checkpoint: the refine2 network (chosen on the selection studies over the
@@ -100,7 +92,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 area ship calibrate eval)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 ship calibrate eval)" >&2
         exit 2
         ;;
     esac

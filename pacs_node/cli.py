@@ -236,7 +236,7 @@ def train(
     threads: int = typer.Option(2, help="torch CPU threads."),
     dice_loss: str = typer.Option("batch", help="Soft Dice over the whole batch ('batch') or per target patch ('sample': small tumours weigh as much as large ones)."),
     mine_every: int = typer.Option(0, help="Every N epochs, draw half the hard negatives at the model's own false positives on the training studies (0 = off)."),
-    labels: str = typer.Option("area", help="Model-grid targets: 'area' (fraction of each 2 mm pixel inside the label: sub-pixel boundaries) or 'majority' (0/1 by majority of its CT pixels)."),
+    labels: str = typer.Option("majority", help="Model-grid targets: 'majority' (0/1 by majority of each 2 mm pixel's CT pixels) or 'area' (the fraction of the pixel inside the label: sub-pixel boundaries; measured no better, see the model card)."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError

@@ -58,7 +58,7 @@ class TrainRequest:
     patch: int = 64
     dice: str = "batch"
     mine_every: int = 0
-    labels: str = "area"
+    labels: str = "majority"
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -120,7 +120,7 @@ def _cache_key(study_uid: str, roi_names: Sequence[str], prep: Preprocessing, la
 
 
 def build_samples(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing,
-                  labels: str = "area") -> StudySamples:
+                  labels: str = "majority") -> StudySamples:
     """Run one study through the inference path and put its label on the model grid.
 
     The K slices of every stack are ordered inferior to superior, as in
@@ -180,7 +180,7 @@ def prepare_sample_file(ref: StudyRef, roi_names: Sequence[str], prep: Preproces
 
 
 def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Preprocessing, cache: Path,
-                   progress: bool = False, workers: int = 1, labels: str = "area") -> list[StudySamples]:
+                   progress: bool = False, workers: int = 1, labels: str = "majority") -> list[StudySamples]:
     """Samples of every study, from the cache when present (built and cached otherwise).
 
     Missing studies are built by ``workers`` processes (each runs the whole

@@ -80,3 +80,17 @@ def test_evaluate_command_on_a_labelled_study(small_study, tmp_path):
 def test_a_threshold_outside_zero_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         run_evaluation([tmp_path], threshold=50, echo=False)
+
+
+def test_error_analysis_reports_gtv_overlap_and_the_model_grid_ceilings(small_study):
+    from benchmarks.error_analysis import analyse_case
+    from model.predict import Predictor
+    from pipeline.training import find_studies
+
+    (ref,) = find_studies([small_study])
+    row = analyse_case(ref, Predictor.load())
+    assert row["igtv_cc"] > row["gtv_cc"] > 0  # a breathing study: the envelope is larger
+    assert row["dice"] > 0.5 and 0 < row["dice_vs_gtv"] < 1 and row["max_prob_in_igtv"] > 0.5
+    # the small study's CT pixels are coarser than the 2 mm model grid: both label kinds come
+    # back whole (tests/pipeline/test_stacks.py compares them on a ~1 mm CT)
+    assert row["ceiling_majority"] == pytest.approx(1.0) and row["ceiling_area"] == pytest.approx(1.0)

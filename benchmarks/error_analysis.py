@@ -1,0 +1,92 @@
+"""Where a checkpoint loses Dice, study by study, and the ceiling the 2 mm model grid sets.
+
+Usage::
+
+    python benchmarks/error_analysis.py DATA_DIR [DATA_DIR ...] [--checkpoint CKPT] [--json OUT.json]
+
+For every labelled study (IGTV and GTV truth, as ``igtv-node synth`` writes them):
+
+* ``Dice``: the node's prediction (default post-processing, the checkpoint's threshold)
+  against the IGTV, as ``igtv-node evaluate`` scores it;
+* ``vs GTV``: the same prediction against the GTV (the tumour at the CT's breathing
+  phase). A prediction that matches the GTV better than the IGTV found the tumour but
+  not its motion envelope;
+* ``p in IGTV``: the highest probability inside the IGTV (near 1 with Dice 0 means the
+  tumour was found and the keep-one rule kept another lesion);
+* ``ceiling maj`` / ``ceiling area``: Dice of the IGTV after the trip onto the model grid
+  and back (bilinear, >= 0.5), as 0/1 majority labels and as area fractions
+  (``igtv-node train --labels``): what a network that reproduced its training targets
+  exactly would score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def analyse_case(ref, predictor) -> dict[str, float]:
+    """The columns of one study (see the module docstring)."""
+    from model.metrics import dice
+    from pipeline import stacks
+    from pipeline.evaluation import case_probabilities, load_case, postprocess_case
+    from pipeline.settings import ProcessSettings
+    from pipeline.training import _label_mask
+
+    case = load_case(ref, ["IGTV", "ITV"])
+    gtv, _ = _label_mask(ref, case.ct, ["GTV"])
+    gtv = gtv.astype(bool)
+    truth, voxel_cc = case.truth, float(np.prod(case.spacing_zyx)) / 1000.0
+    settings = ProcessSettings()
+    prob = case_probabilities(case, predictor)
+    pred = postprocess_case(case, prob, settings, settings.threshold_for(predictor.threshold))
+    grid = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
+    majority = grid.to_ct_grid(grid.labels_from_ct_grid(truth).astype(np.float32)) >= 0.5
+    area = grid.to_ct_grid(grid.to_model_grid(truth.astype(np.float32))) >= 0.5
+    return {
+        "igtv_cc": float(truth.sum() * voxel_cc),
+        "gtv_cc": float(gtv.sum() * voxel_cc),
+        "pred_cc": float(pred.sum() * voxel_cc),
+        "dice": dice(pred, truth),
+        "dice_vs_gtv": dice(pred, gtv),
+        "max_prob_in_igtv": float(prob[truth].max()) if truth.any() else 0.0,
+        "ceiling_majority": dice(majority, truth),
+        "ceiling_area": dice(area, truth),
+    }
+
+
+def main() -> None:
+    from model.predict import Predictor
+    from pipeline.training import find_studies
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", nargs="+", type=Path)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    predictor = Predictor.load(a.checkpoint)
+    refs = [r for r in find_studies(a.data) if r.label_series]
+    cols = ["igtv_cc", "gtv_cc", "pred_cc", "dice", "dice_vs_gtv", "max_prob_in_igtv", "ceiling_majority",
+            "ceiling_area"]
+    print("| study | IGTV cc | GTV cc | predicted cc | Dice | vs GTV | p in IGTV | ceiling maj | ceiling area |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for ref in refs:
+        row = analyse_case(ref, predictor)
+        rows.append({"study": ref.study_uid, **row})
+        print(f"| ...{ref.study_uid[-8:]} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |", flush=True)
+    means = {c: float(np.mean([r[c] for r in rows])) for c in cols}
+    print("| mean | " + " | ".join(f"{means[c]:.3f}" for c in cols) + " |")
+    if a.json:
+        a.json.write_text(json.dumps({"version": predictor.version, "cases": rows, "mean": means}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
