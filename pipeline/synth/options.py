@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pipeline.errors import PipelineError
 
 COMPRESSIONS = (None, "rle", "jpeg2000")
+#: Options added after studies had been generated and used (see :meth:`SynthOptions.fingerprint`).
+LATER_OPTIONS = ("diameter_range_mm",)
 
 
 class SynthOptionsError(PipelineError):
@@ -104,8 +106,12 @@ class SynthOptions:
         return self
 
     def fingerprint(self) -> str:
-        """Stable text of the options, mixed into UIDs so different studies never share UIDs."""
-        d = asdict(self)
+        """Stable text of the options, mixed into UIDs so different studies never share UIDs.
+
+        Options in :data:`LATER_OPTIONS` are left out while unset, so a seed's studies keep the
+        UIDs they had before those options existed (training splits are drawn from sorted UIDs).
+        """
+        d = {k: v for k, v in asdict(self).items() if not (k in LATER_OPTIONS and v is None)}
         d["pet_offset_mm"] = [float(v) for v in self.pet_offset_mm]
         return repr(sorted(d.items()))
 

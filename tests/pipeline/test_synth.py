@@ -195,6 +195,19 @@ def test_invalid_options_are_rejected():
         generate_study(0, SynthOptions(diameter_mm=8.0, diameter_range_mm=(5.0, 10.0)))
 
 
+def test_seeds_keep_their_uids_when_options_are_added():
+    # seed 9000's study UID as generated before diameter_range_mm existed (the held-out set of
+    # docs/model_card.md): training splits are drawn from sorted UIDs, so they must not move
+    from pipeline.synth.generate import DEFAULT_UID_ROOT
+    from pipeline.uids import derive_uid
+
+    def study_uid(options: SynthOptions) -> str:
+        return derive_uid(DEFAULT_UID_ROOT, "igtv-node-synth", "9000", options.fingerprint(), "study")
+
+    assert study_uid(SynthOptions()) == "1.2.826.0.1.3680043.10.1561.244081557870229497021655926980740106"
+    assert study_uid(SynthOptions(diameter_range_mm=(5.0, 16.0))) != study_uid(SynthOptions())
+
+
 def test_diameter_range_draws_within_it(synthetic_study_object_factory):
     study = synthetic_study_object_factory(13, diameter_range_mm=(20.0, 24.0))
     assert 20.0 * 0.85**3 <= study.case["tumours"][0]["diameter_mm"] <= 24.0  # placement may shrink it
