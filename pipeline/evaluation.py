@@ -95,12 +95,8 @@ def postprocess_case(case: LoadedCase, prob_ct: np.ndarray, settings: ProcessSet
 
     from pipeline import postprocess
 
-    labels = postprocess.postprocess(
-        prob_ct, case.spacing_zyx, threshold=threshold, min_component_cc=settings.min_component_cc,
-        keep=settings.keep_components, order_by=settings.lesion_order,
-        suv=sitk.GetArrayViewFromImage(case.pet_on_ct),
-    )
-    return labels > 0
+    suv = sitk.GetArrayViewFromImage(case.pet_on_ct)
+    return postprocess.postprocess_with(prob_ct, case.spacing_zyx, settings, threshold, suv=suv) > 0
 
 
 def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None) -> np.ndarray:

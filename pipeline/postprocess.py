@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from pipeline.settings import ProcessSettings
+
 #: Orders in which components are kept (see :func:`postprocess`).
 ORDERS = ("volume", "confidence", "uptake")
 
@@ -91,6 +93,19 @@ def postprocess(
         region = target[sub]
         region[part & (region == 0)] = new
     return out
+
+
+def postprocess_with(
+    prob: np.ndarray, spacing_zyx: Sequence[float], settings: ProcessSettings, threshold: float,
+    suv: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`postprocess` under a node's settings (size limit, lesions kept, their order) at ``threshold``.
+
+    The one call shared by the worker, ``evaluate`` and ``calibrate``, so all three score
+    the same post-processing.
+    """
+    return postprocess(prob, spacing_zyx, threshold=threshold, min_component_cc=settings.min_component_cc,
+                       keep=settings.keep_components, order_by=settings.lesion_order, suv=suv)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

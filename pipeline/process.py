@@ -147,15 +147,7 @@ def process_study(
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
     threshold = settings.threshold_for(predictor.threshold)
     with timer.stage("postprocess"):
-        labels = postprocess.postprocess(
-            prob_ct,
-            spacing_zyx,
-            threshold=threshold,
-            min_component_cc=settings.min_component_cc,
-            keep=settings.keep_components,
-            order_by=settings.lesion_order,
-            suv=suv_ct,
-        )
+        labels = postprocess.postprocess_with(prob_ct, spacing_zyx, settings, threshold, suv=suv_ct)
         components = postprocess.component_report(
             labels, suv_ct, spacing_zyx, origin=ct.image.GetOrigin(), direction=ct.image.GetDirection()
         )

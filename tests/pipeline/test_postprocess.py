@@ -115,3 +115,20 @@ def test_uptake_order_keeps_the_most_fdg_avid_component_first():
     assert both[6, 15, 15] == 1 and both[16, 45, 45] == 2
     with pytest.raises(ValueError, match="SUV volume"):
         postprocess(prob, SPACING, order_by="uptake")
+
+
+def test_postprocess_with_applies_each_setting():
+    from pipeline.postprocess import postprocess_with
+    from pipeline.settings import ProcessSettings
+
+    prob = blank()
+    prob[2:12, 5:25, 5:25] = 0.6  # 8 cc, uncertain
+    prob[14:18, 40:50, 40:50] = 0.95  # 0.8 cc, confident
+    prob[5:7, 40:45, 5:10] = 0.8  # 0.1 cc
+    default = postprocess_with(prob, SPACING, ProcessSettings(), 0.5)  # keep 1, by confidence
+    assert default.max() == 1 and default[16, 45, 45] == 1
+    wide = ProcessSettings(keep_components=3, lesion_order="volume", min_component_cc=0.5)
+    assert np.array_equal(postprocess_with(prob, SPACING, wide, 0.5),
+                          postprocess(prob, SPACING, threshold=0.5, min_component_cc=0.5, keep=3, order_by="volume"))
+    assert postprocess_with(prob, SPACING, wide, 0.5).max() == 2  # the 0.1 cc component is dropped
+    assert postprocess_with(prob, SPACING, wide, 0.7).max() == 1  # the threshold is the one given
