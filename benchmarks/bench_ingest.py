@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nodeharness import NodeProcess, free_port, wait_port  # noqa: E402
+from nodeharness import NodeProcess, dcmtk, free_port, wait_port  # noqa: E402
 
 DEFAULT_STUDY = Path(tempfile.gettempdir()) / "igtv-bench-study-seed3-ct1.5"
 
@@ -53,7 +53,7 @@ def ensure_study(folder: Path, seed: int = 3, ct_slice_mm: float = 1.5) -> list[
 
 def send(port: int, files: list[Path], aec: str) -> float:
     """dcmtk storescu, one association; return wall seconds (raises when anything is not acked)."""
-    cmd = ["storescu", "-aet", "BENCHSCU", "-aec", aec, "-to", "30", "-ta", "30", "-td", "60",
+    cmd = [dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", aec, "-to", "30", "-ta", "30", "-td", "60",
            "127.0.0.1", str(port), *map(str, files)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -178,7 +178,7 @@ def receivers(no_journal: bool = False) -> list[Receiver]:
         *([NodeReceiver(journal=False)] if no_journal else []),
         SubprocessReceiver("pynetdicom storescp app",
                            [sys.executable, "-m", "pynetdicom", "storescp", "{port}", "-od", "{out}"]),
-        SubprocessReceiver("dcmtk storescp", ["storescp", "-od", "{out}", "{port}"]),
+        SubprocessReceiver("dcmtk storescp", [dcmtk("storescp"), "-od", "{out}", "{port}"]),
     ]
 
 

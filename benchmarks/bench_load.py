@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nodeharness import NODE_TESTS, NodeProcess, peak_rss_mb, wait_for  # noqa: E402
+from nodeharness import NODE_TESTS, NodeProcess, dcmtk, peak_rss_mb, wait_for  # noqa: E402
 
 
 def _echo_loop(port: int, stop: threading.Event, latencies: list[float], errors: list[str]) -> None:
@@ -54,7 +54,7 @@ def run_load(work: Path, studies: int, n_ct: int, n_pet: int, rows: int, process
         t0 = time.monotonic()
 
         def send(study) -> int:
-            cmd = ["storescu", "-aet", "LOADSCU", "-aec", "IGTV", "-to", "30", "-ta", "30", "-td", "60",
+            cmd = [dcmtk("storescu"), "-aet", "LOADSCU", "-aec", "IGTV", "-to", "30", "-ta", "30", "-td", "60",
                    "127.0.0.1", str(node.port), *map(str, study.files)]
             return subprocess.run(cmd, capture_output=True, timeout=600).returncode
 

@@ -25,6 +25,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 NODE_TESTS = REPO / "tests" / "pacs_node"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+# dcmtk's programs for the benchmarks, never pynetdicom's apps of the same names (re-exported)
+from tests.system_tools import dcmtk  # noqa: E402, F401
 
 #: Seconds the slow fake processing function sleeps (read per call, in the worker process).
 DELAY_ENV = "IGTV_FAKE_PROCESS_DELAY_S"

@@ -25,6 +25,7 @@ import bench_ingest  # noqa: E402
 import bench_load  # noqa: E402
 import bench_turnaround  # noqa: E402
 import crash_trials  # noqa: E402
+from nodeharness import dcmtk  # noqa: E402
 
 INGEST_NOTES = """What the node does per instance, and what changed:
 
@@ -69,7 +70,7 @@ def machine() -> str:
                 if ln.startswith("model name")), platform.processor())
     mem = next((ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
                 if ln.startswith("MemTotal")), "0")
-    dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout.splitlines()
+    version = subprocess.run([dcmtk("storescu"), "--version"], capture_output=True, text=True).stdout.splitlines()
     import pydicom
     import pynetdicom
 
@@ -77,7 +78,7 @@ def machine() -> str:
     return (f"- CPU: {cpu}, {os.cpu_count()} cores (shared with other work while measuring)\n"
             f"- memory: {int(mem) / 1024 / 1024:.1f} GiB; python {platform.python_version()}, "
             f"pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
-            f"{(dcmtk[0] if dcmtk else 'dcmtk ?').strip(' $').replace('$dcmtk: ', 'dcmtk ')}\n"
+            f"{(version[0] if version else 'dcmtk ?').strip(' $').replace('$dcmtk: ', 'dcmtk ')}\n"
             f"- disk: write + fsync of a 512 kB file, median {fsync:.1f} ms (the floor of a durable ack)")
 
 

@@ -25,9 +25,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from tests.system_tools import system_tool
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
 ORTHANC = shutil.which("Orthanc")
-STORESCP = shutil.which("storescp")
+STORESCP = system_tool("storescp")
 pytestmark = [
     pytest.mark.peers,
     pytest.mark.skipif(ORTHANC is None or STORESCP is None, reason="needs Orthanc and dcmtk storescp"),

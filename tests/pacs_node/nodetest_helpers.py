@@ -132,10 +132,18 @@ def make_study(root: Path, n_ct: int = 6, n_pet: int = 4, rows: int = 32, rle_ct
     return study
 
 
+def dcmtk(name: str) -> str:
+    """dcmtk's program ``name``: :func:`tests.system_tools.dcmtk`."""
+    # imported here: worker processes import this module by its own path, without the repo root
+    from tests.system_tools import dcmtk as find
+
+    return find(name)
+
+
 def storescu(port: int, files: list[Path], aec: str = "IGTV", aet: str = "STORESCU",
              extra: list[str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Send files with dcmtk storescu (proposing the transfer syntax of each file)."""
-    cmd = ["storescu", "--required", "-aet", aet, "-aec", aec, "-to", "20", "-ta", "20", "-td", "20",
+    cmd = [dcmtk("storescu"), "--required", "-aet", aet, "-aec", aec, "-to", "20", "-ta", "20", "-td", "20",
            *(extra or []), "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
@@ -143,7 +151,7 @@ def storescu(port: int, files: list[Path], aec: str = "IGTV", aet: str = "STORES
 def echoscu(port: int, aec: str = "IGTV", aet: str = "ECHOSCU", extra: list[str] | None = None,
             timeout: float = 30) -> subprocess.CompletedProcess:
     """C-ECHO with dcmtk echoscu."""
-    cmd = ["echoscu", "-aet", aet, "-aec", aec, "-to", "10", "-ta", "10", "-td", "10",
+    cmd = [dcmtk("echoscu"), "-aet", aet, "-aec", aec, "-to", "10", "-ta", "10", "-td", "10",
            *(extra or []), "127.0.0.1", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
@@ -321,7 +329,7 @@ class StoreScp:
         self.port = free_port()
         out.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", aet, "-od", str(out), "-uf", "-ta", "20", "-td", "20", str(self.port)],
+            [dcmtk("storescp"), "-aet", aet, "-od", str(out), "-uf", "-ta", "20", "-td", "20", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         wait_port(self.port)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,11 +10,12 @@ import pytest
 import SimpleITK as sitk
 
 from tests.pipeline.writers.ct_factory import CtSeries
+from tests.system_tools import system_tool
 
 
 def require_tool(name: str) -> str:
     """Path of an external tool the tests depend on; fail (not skip) when it is missing."""
-    path = shutil.which(name)
+    path = system_tool(name)
     if path is None:
         pytest.fail(f"required tool {name!r} is not installed (see .ci/run's apt-get line)")
     return path
