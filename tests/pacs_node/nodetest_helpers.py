@@ -15,6 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from pipeline.uids import derive_uid
+from tests.system_tools import dcmtk
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 PET_CLASS = "1.2.840.10008.5.1.4.1.1.128"
@@ -130,14 +131,6 @@ def make_study(root: Path, n_ct: int = 6, n_pet: int = 4, rows: int = 32, rle_ct
         ds.save_as(path, enforce_file_format=True)
         study.pet_files.append(path)
     return study
-
-
-def dcmtk(name: str) -> str:
-    """dcmtk's program ``name``: :func:`tests.system_tools.dcmtk`."""
-    # imported here: worker processes import this module by its own path, without the repo root
-    from tests.system_tools import dcmtk as find
-
-    return find(name)
 
 
 def storescu(port: int, files: list[Path], aec: str = "IGTV", aet: str = "STORESCU",
