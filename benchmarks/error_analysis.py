@@ -13,10 +13,18 @@ For every labelled study (IGTV and GTV truth, as ``igtv-node synth`` writes them
   not its motion envelope;
 * ``p in IGTV``: the highest probability inside the IGTV (near 1 with Dice 0 means the
   tumour was found and the keep-one rule kept another lesion);
+* ``envelope``: the share of the IGTV outside the GTV: where the tumour passes during
+  breathing but the CT (one phase) shows lung, so only the PET marks it;
+* ``found GTV`` / ``found env``: the share of the GTV and of that envelope the prediction
+  covers;
+* ``if env found``: Dice had the envelope been found too (prediction plus envelope): what
+  the envelope costs;
 * ``ceiling maj`` / ``ceiling area``: Dice of the IGTV after the trip onto the model grid
   and back (bilinear, >= 0.5), as 0/1 majority labels and as area fractions
   (``igtv-node train --labels``): what a network that reproduced its training targets
   exactly would score.
+
+Means are printed over all studies and over those below and above 2 cc of IGTV.
 """
 
 from __future__ import annotations
@@ -45,11 +53,12 @@ def analyse_case(ref, predictor) -> dict[str, float]:
     gtv = gtv.astype(bool)
     truth, voxel_cc = case.truth, float(np.prod(case.spacing_zyx)) / 1000.0
     settings = ProcessSettings()
-    prob = case_probabilities(case, predictor)
-    pred = postprocess_case(case, prob, settings, settings.threshold_for(predictor.threshold))
     grid = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
+    prob = case_probabilities(case, predictor, stackset=grid)
+    pred = postprocess_case(case, prob, settings, settings.threshold_for(predictor.threshold))
     majority = grid.to_ct_grid(grid.labels_from_ct_grid(truth).astype(np.float32)) >= 0.5
     area = grid.to_ct_grid(grid.to_model_grid(truth.astype(np.float32))) >= 0.5
+    envelope = truth & ~gtv
     return {
         "igtv_cc": float(truth.sum() * voxel_cc),
         "gtv_cc": float(gtv.sum() * voxel_cc),
@@ -57,13 +66,24 @@ def analyse_case(ref, predictor) -> dict[str, float]:
         "dice": dice(pred, truth),
         "dice_vs_gtv": dice(pred, gtv),
         "max_prob_in_igtv": float(prob[truth].max()) if truth.any() else 0.0,
+        "envelope_share": _share(envelope, truth),
+        "found_gtv": _share(pred & gtv, gtv),
+        "found_envelope": _share(pred & envelope, envelope),
+        "dice_if_envelope_found": dice(pred | envelope, truth),
         "ceiling_majority": dice(majority, truth),
         "ceiling_area": dice(area, truth),
     }
 
 
+def _share(part: np.ndarray, whole: np.ndarray) -> float:
+    """|part| / |whole| (0 for an empty whole)."""
+    n = int(whole.sum())
+    return float(part.sum()) / n if n else 0.0
+
+
 def main() -> None:
     from model.predict import Predictor
+    from pipeline.evaluation import SMALL_TARGET_CC
     from pipeline.training import find_studies
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,17 +93,21 @@ def main() -> None:
     a = ap.parse_args()
     predictor = Predictor.load(a.checkpoint)
     refs = [r for r in find_studies(a.data) if r.label_series]
-    cols = ["igtv_cc", "gtv_cc", "pred_cc", "dice", "dice_vs_gtv", "max_prob_in_igtv", "ceiling_majority",
-            "ceiling_area"]
-    print("| study | IGTV cc | GTV cc | predicted cc | Dice | vs GTV | p in IGTV | ceiling maj | ceiling area |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cols = ["igtv_cc", "gtv_cc", "pred_cc", "dice", "dice_vs_gtv", "max_prob_in_igtv", "envelope_share",
+            "found_gtv", "found_envelope", "dice_if_envelope_found", "ceiling_majority", "ceiling_area"]
+    print("| study | IGTV cc | GTV cc | predicted cc | Dice | vs GTV | p in IGTV | envelope | found GTV | found env "
+          "| if env found | ceiling maj | ceiling area |")
+    print("|---" * (len(cols) + 1) + "|")
     rows = []
     for ref in refs:
         row = analyse_case(ref, predictor)
         rows.append({"study": ref.study_uid, **row})
         print(f"| ...{ref.study_uid[-8:]} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |", flush=True)
-    means = {c: float(np.mean([r[c] for r in rows])) for c in cols}
-    print("| mean | " + " | ".join(f"{means[c]:.3f}" for c in cols) + " |")
+    groups = {"mean": rows, f"mean < {SMALL_TARGET_CC:g} cc": [r for r in rows if r["igtv_cc"] < SMALL_TARGET_CC],
+              f"mean >= {SMALL_TARGET_CC:g} cc": [r for r in rows if r["igtv_cc"] >= SMALL_TARGET_CC]}
+    means = {name: {c: float(np.mean([r[c] for r in group])) for c in cols} for name, group in groups.items() if group}
+    for name, values in means.items():
+        print(f"| {name} ({len(groups[name])}) | " + " | ".join(f"{values[c]:.3f}" for c in cols) + " |")
     if a.json:
         a.json.write_text(json.dumps({"version": predictor.version, "cases": rows, "mean": means}, indent=1) + "\n")
 

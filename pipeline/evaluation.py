@@ -80,11 +80,16 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
     return out
 
 
-def case_probabilities(case: LoadedCase, predictor: Any, flips: str = "none") -> np.ndarray:
-    """The network's probabilities of one case on the CT grid (before post-processing)."""
+def case_probabilities(case: LoadedCase, predictor: Any, flips: str = "none", stackset: Any = None) -> np.ndarray:
+    """The network's probabilities of one case on the CT grid (before post-processing).
+
+    ``stackset``: the case's stacks when the caller has built them already (with the
+    predictor's preprocessing); built here otherwise.
+    """
     from pipeline import stacks
 
-    stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
+    if stackset is None:
+        stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
     probs = predictor.predict(stackset.inputs, batch_size=16, flips=flips)
     return stackset.to_ct_grid(probs)
 

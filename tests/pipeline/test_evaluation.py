@@ -82,7 +82,7 @@ def test_a_threshold_outside_zero_one_is_refused(tmp_path):
         run_evaluation([tmp_path], threshold=50, echo=False)
 
 
-def test_error_analysis_reports_gtv_overlap_and_the_model_grid_ceilings(small_study):
+def test_error_analysis_reports_gtv_overlap_envelope_and_the_model_grid_ceilings(small_study):
     from benchmarks.error_analysis import analyse_case
     from model.predict import Predictor
     from pipeline.training import find_studies
@@ -91,6 +91,10 @@ def test_error_analysis_reports_gtv_overlap_and_the_model_grid_ceilings(small_st
     row = analyse_case(ref, Predictor.load())
     assert row["igtv_cc"] > row["gtv_cc"] > 0  # a breathing study: the envelope is larger
     assert row["dice"] > 0.5 and 0 < row["dice_vs_gtv"] < 1 and row["max_prob_in_igtv"] > 0.5
+    # the envelope is the IGTV outside the GTV; finding it too can only raise the Dice
+    assert row["envelope_share"] == pytest.approx(1 - row["gtv_cc"] / row["igtv_cc"], abs=0.01)
+    assert 0 <= row["found_envelope"] <= 1 and 0.5 < row["found_gtv"] <= 1
+    assert row["dice"] <= row["dice_if_envelope_found"] <= 1
     # the small study's CT pixels are coarser than the 2 mm model grid: both label kinds come
     # back whole (tests/pipeline/test_stacks.py compares them on a ~1 mm CT)
     assert row["ceiling_majority"] == pytest.approx(1.0) and row["ceiling_area"] == pytest.approx(1.0)
