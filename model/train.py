@@ -124,6 +124,10 @@ class TrainConfig:
     mine_threshold: float = 0.5
     # what the samples' labels are (LABEL_MODES): "area" keeps them soft through augmentation
     labels: str = "majority"
+    # BCE weight of target pixels where the centre slice's CT is lung (below envelope_ct_hu):
+    # the motion envelope, which the CT does not show (1 = no extra weight)
+    envelope_weight: float = 1.0
+    envelope_ct_hu: float = -500.0
 
 
 def seed_everything(seed: int) -> None:
@@ -252,13 +256,26 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
     return torch.stack([pet.clamp(0, 1.5), ct.clamp(-1, 1)], dim=1), y
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def envelope_pixels(x: torch.Tensor, y: torch.Tensor, ct_below: float) -> torch.Tensor:
+    """Target pixels whose centre-slice CT is below ``ct_below`` (normalised units).
+
+    x: (B, 2, K, H, W), y: (B, 1, H, W). These are the parts of an IGTV where the CT,
+    taken at one breathing phase, shows lung: the tumour passes there at other phases,
+    and only the PET (averaged over the cycle) marks it.
+    """
+    centre_ct = x[:, 1:2, x.shape[2] // 2]
+    return (y >= 0.5) & (centre_ct < ct_below)
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """BCE plus soft Dice, over the batch or per target patch (``cfg.dice``).
 
     Batch Dice is smoothed so target-free batches stay finite; sample Dice averages
-    only the patches that contain target (BCE alone covers the others).
+    only the patches that contain target (BCE alone covers the others). ``weight``
+    (shaped like ``target``) weighs each pixel's BCE; Dice is unweighted.
     """
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     p = torch.sigmoid(logits)
     if cfg.dice == "sample":
         dims = tuple(range(1, p.ndim))
@@ -491,6 +508,9 @@ def train_model(
     cfg = cfg or TrainConfig()
     if cfg.labels not in LABEL_MODES:
         raise ValueError(f"unknown label mode {cfg.labels!r}; choose one of {LABEL_MODES}")
+    if cfg.envelope_weight < 1.0:
+        raise ValueError(f"envelope_weight must be at least 1 (1 = off), got {cfg.envelope_weight}")
+    ct_below = float(prep.normalise_ct(np.array([cfg.envelope_ct_hu]))[0])
     out = Path(out)
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
@@ -575,7 +595,10 @@ def train_model(
                         group["lr"] = _lr_at(g, total, warmup, cfg.lr)
                     x, y = batches.next()
                     x, y = augment(x.to(device, non_blocking=True), y.to(device, non_blocking=True), cfg, gen)
-                    loss = dice_bce_loss(model(x), y, cfg)
+                    weight = None
+                    if cfg.envelope_weight != 1.0:
+                        weight = 1 + (cfg.envelope_weight - 1) * envelope_pixels(x, y, ct_below).float()
+                    loss = dice_bce_loss(model(x), y, cfg, weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 5.0)

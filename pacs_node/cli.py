@@ -237,6 +237,8 @@ def train(
     dice_loss: str = typer.Option("batch", help="Soft Dice over the whole batch ('batch') or per target patch ('sample': small tumours weigh as much as large ones)."),
     mine_every: int = typer.Option(0, help="Every N epochs, draw half the hard negatives at the model's own false positives on the training studies (0 = off)."),
     labels: str = typer.Option("majority", help="Model-grid targets: 'majority' (0/1 by majority of each 2 mm pixel's CT pixels) or 'area' (the fraction of the pixel inside the label: sub-pixel boundaries; measured no better, see the model card)."),
+    envelope_weight: float = typer.Option(1.0, help="BCE weight of target pixels where the CT shows lung (the breathing envelope only the PET marks); 1 = no extra weight."),
+    misregister_px: float = typer.Option(2.0, help="Augmentation: shift the PET against the CT by up to this many model pixels (2 mm each) to simulate misregistration; 0 = off."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError
@@ -250,7 +252,7 @@ def train(
                 epochs=epochs, seed=seed, cache=cache, val_fraction=val_fraction, resume=resume,
                 device=device, workers=workers, batch_size=batch_size, patch=patch,
                 samples_per_epoch=samples_per_epoch, lr=lr, threads=threads, dice=dice_loss, mine_every=mine_every,
-                labels=labels,
+                labels=labels, envelope_weight=envelope_weight, misregister_px=misregister_px,
             )
         )
     except IgtvError as exc:

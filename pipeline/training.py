@@ -59,6 +59,8 @@ class TrainRequest:
     dice: str = "batch"
     mine_every: int = 0
     labels: str = "majority"
+    envelope_weight: float = 1.0
+    misregister_px: float = 2.0
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -244,6 +246,10 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         raise PipelineError(f"unknown label mode {req.labels!r}; choose one of {LABEL_MODES}")
     if req.mine_every < 0:
         raise PipelineError(f"mine_every must be 0 (off) or a number of epochs, got {req.mine_every}")
+    if req.envelope_weight < 1.0:
+        raise PipelineError(f"envelope weight must be at least 1 (1 = no extra weight), got {req.envelope_weight}")
+    if req.misregister_px < 0:
+        raise PipelineError(f"misregistration shift must be 0 (off) or positive, got {req.misregister_px} px")
     refs = find_studies(req.data)
     refs = [r for r in refs if r.label_series]
     if not refs:
@@ -261,7 +267,8 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         epochs=req.epochs, seed=req.seed, freeze=list(req.freeze), threads=req.threads,
         samples_per_epoch=req.samples_per_epoch, batch_size=req.batch_size, patch=req.patch, device=req.device,
         lr=req.lr if req.lr is not None else (1e-3 if req.init is not None else 2e-3),
-        dice=req.dice, mine_every=req.mine_every, labels=req.labels,
+        dice=req.dice, mine_every=req.mine_every, labels=req.labels, envelope_weight=req.envelope_weight,
+        misregister_px=req.misregister_px,
     )
     description = {
         "training_data": {

@@ -20,6 +20,7 @@ from model.train import (
     TrainConfig,
     augment,
     dice_bce_loss,
+    envelope_pixels,
     mine_false_positives,
     train_model,
 )
@@ -184,6 +185,65 @@ def test_sample_dice_weighs_a_small_target_like_a_large_one():
     assert float(dice_bce_loss(torch.full_like(empty, -10.0), empty, TrainConfig(dice="sample"))) < 1e-3
     with pytest.raises(ValueError, match="Dice mode"):
         dice_bce_loss(logits, y, TrainConfig(dice="nope"))
+
+
+def test_envelope_pixels_are_target_where_the_centre_ct_shows_lung():
+    x = torch.zeros(1, 2, 3, 4, 4)
+    x[:, 1] = 0.2  # soft tissue everywhere...
+    x[0, 1, 1, 0, :] = -0.8  # ...except one row of the centre slice (lung)
+    x[0, 1, 0, 1, :] = -0.8  # lung in a neighbour slice does not count
+    y = torch.zeros(1, 1, 4, 4)
+    y[0, 0, :2, :2] = 1
+    env = envelope_pixels(x, y, ct_below=-0.3)
+    assert env.shape == y.shape
+    assert env[0, 0].nonzero().tolist() == [[0, 0], [0, 1]]
+
+
+def test_pixel_weights_scale_bce_only_where_given():
+    y = _patches([4, 0], size=8)
+    logits = torch.zeros_like(y)  # p = 0.5 everywhere: BCE ln 2 per pixel
+    cfg = TrainConfig(bce_weight=1.0, dice_weight=0.0)
+    plain = float(dice_bce_loss(logits, y, cfg))
+    weight = torch.ones_like(y)
+    weight[0, 0, 0, 0] = 3.0  # one of 128 pixels counts three times
+    weighted = float(dice_bce_loss(logits, y, cfg, weight))
+    assert plain == pytest.approx(np.log(2), rel=1e-5)
+    assert weighted == pytest.approx(np.log(2) * (128 + 2) / 128, rel=1e-5)
+
+
+def _moving_blob(seed: int) -> StudySamples:
+    """A blob whose CT shows only the upper half of the target (the rest: the motion envelope)."""
+    s = blob_study(seed)
+    h = s.k // 2
+    target = np.pad(s.labels.astype(bool), ((h, h), (0, 0), (0, 0)))
+    centre_row = np.argwhere(target)[:, 1].mean()
+    lower = target & (np.arange(target.shape[1])[None, :, None] > centre_row)
+    s.planes[:, 1][lower] = -0.7
+    return s
+
+
+def test_training_with_envelope_weight_learns_and_refuses_weights_below_one(tmp_path, monkeypatch):
+    import model.train as train_module
+
+    weights = []
+    original = train_module.dice_bce_loss
+
+    def recording(logits, target, cfg, weight=None):
+        weights.append(None if weight is None else float(weight.max()))
+        return original(logits, target, cfg, weight)
+
+    monkeypatch.setattr(train_module, "dice_bce_loss", recording)
+    train = [_moving_blob(s) for s in range(4)]
+    val = [_moving_blob(100 + s) for s in range(2)]
+    res = train_model(train, val, tmp_path / "e.safetensors", PREP, NET,
+                      _cfg(epochs=3, samples_per_epoch=96, lr=1e-2, envelope_weight=3.0), progress=False)
+    assert res["best"]["val_dice"] > 0.5
+    assert weights and all(w is not None for w in weights) and max(weights) == 3.0
+    _, meta = load_checkpoint(tmp_path / "e.safetensors")
+    assert meta["training"]["envelope_weight"] == 3.0
+    with pytest.raises(ValueError, match="envelope_weight"):
+        train_model(train, [], tmp_path / "b.safetensors", PREP, NET, _cfg(epochs=1, envelope_weight=0.5),
+                    progress=False)
 
 
 def test_mining_finds_false_positives_away_from_the_target(monkeypatch):

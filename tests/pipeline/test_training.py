@@ -83,6 +83,12 @@ def test_area_and_majority_labels_are_cached_apart_and_agree(small_study, tmp_pa
     with pytest.raises(PipelineError, match="label mode"):
         run_training(TrainRequest(data=[small_study], out=tmp_path / "x.safetensors", roi_names=["IGTV"],
                                   labels="soft", progress=False))
+    with pytest.raises(PipelineError, match="envelope weight must be at least 1"):
+        run_training(TrainRequest(data=[small_study], out=tmp_path / "x.safetensors", roi_names=["IGTV"],
+                                  envelope_weight=0.0, progress=False))
+    with pytest.raises(PipelineError, match="misregistration shift must be 0"):
+        run_training(TrainRequest(data=[small_study], out=tmp_path / "x.safetensors", roi_names=["IGTV"],
+                                  misregister_px=-1.0, progress=False))
 
 
 def test_run_training_writes_checkpoint_and_fine_tunes(synthetic_study_factory, tmp_path):
@@ -99,7 +105,8 @@ def test_run_training_writes_checkpoint_and_fine_tunes(synthetic_study_factory, 
     ft = tmp_path / "igtv.safetensors"
     run_training(TrainRequest(data=studies, out=ft, roi_names=["IGTV"], init=base, freeze=["stem"], epochs=1,
                               seed=6, cache=tmp_path / "cache", val_fraction=0.5, samples_per_epoch=8,
-                              batch_size=4, threads=1, progress=False))
+                              batch_size=4, threads=1, envelope_weight=2.0, misregister_px=0.0, progress=False))
     meta_ft = json.loads(metadata_path(ft).read_text())
     assert meta_ft["init"]["version"] == meta["version"] and meta_ft["training"]["freeze"] == ["stem"]
+    assert meta_ft["training"]["envelope_weight"] == 2.0 and meta_ft["training"]["misregister_px"] == 0.0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # 2 studies x (GTV, IGTV)
