@@ -78,8 +78,8 @@ for stage in $STAGES; do
         ;;
     refine3)
         # the same 256 studies and split, from refine2, without the PET/CT misregistration
-        # augmentation (the synthetic PET and CT are registered; the shift taught the network to
-        # discount PET beyond the CT tumour, which is where the breathing envelope lies)
+        # augmentation (the synthetic PET and CT share one geometry; the shift likely taught the
+        # network to discount PET beyond the CT tumour, which is where the breathing envelope lies)
         limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine2_igtv.safetensors" \
             --out "$RUNS/refine3_igtv.safetensors" --epochs 3 --samples-per-epoch 6400 --batch-size 32 \
             --patch 96 --seed 17 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --misregister-px 0 \
