@@ -94,7 +94,7 @@ for stage in $STAGES; do
         ;;
     ship)
         # the shipped checkpoint: the refine4 network (chosen on the selection studies over refine3,
-        # refine2, shipped before, and the same fine-tunes with the misregistration augmentation kept)
+        # refine2, shipped before, and the same fine-tune with the misregistration augmentation kept)
         cp "$RUNS/refine4_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
         cp "$RUNS/refine4_igtv.json" "$RUNS/igtv_sim_mamba.json"
         ;;
