@@ -35,6 +35,15 @@ limited() {  # run a training command, stopping it after LIMIT_S (resumable)
     fi
 }
 
+on_256() {  # fine-tune on the 256 IGTV studies, split by seed 17: on_256 INIT OUT EPOCHS LR [OPTION ...]
+    local init=$1 out=$2 epochs=$3 lr=$4
+    shift 4
+    limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/$init.safetensors" \
+        --out "$RUNS/$out.safetensors" --epochs "$epochs" --samples-per-epoch 6400 --batch-size 32 \
+        --patch 96 --seed 17 --val-fraction 0.1 --lr "$lr" --dice-loss batch "$@" \
+        --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+}
+
 for stage in $STAGES; do
     case $stage in
     data)
@@ -71,26 +80,17 @@ for stage in $STAGES; do
     refine2)
         # 256 IGTV studies (refine_igtv + 160 more), from the refined model, hard negatives re-mined every
         # 3 epochs. The shipped run was stopped after epoch 6 of 8 for time (best: epoch 4)
-        limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine_igtv.safetensors" \
-            --out "$RUNS/refine2_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
-            --patch 96 --seed 17 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 3 \
-            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        on_256 refine_igtv refine2_igtv 8 2e-4 --mine-every 3
         ;;
     refine3)
         # the same 256 studies and split, from refine2, without the PET/CT misregistration
         # augmentation (the synthetic PET and CT share one geometry; the shift likely taught the
         # network to discount PET beyond the CT tumour, which is where the breathing envelope lies)
-        limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine2_igtv.safetensors" \
-            --out "$RUNS/refine3_igtv.safetensors" --epochs 3 --samples-per-epoch 6400 --batch-size 32 \
-            --patch 96 --seed 17 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --misregister-px 0 \
-            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        on_256 refine2_igtv refine3_igtv 3 2e-4 --misregister-px 0
         ;;
     refine4)
         # 3 more epochs of refine3's recipe at half the learning rate
-        limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/refine3_igtv.safetensors" \
-            --out "$RUNS/refine4_igtv.safetensors" --epochs 3 --samples-per-epoch 6400 --batch-size 32 \
-            --patch 96 --seed 17 --val-fraction 0.1 --lr 1e-4 --dice-loss batch --misregister-px 0 \
-            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+        on_256 refine3_igtv refine4_igtv 3 1e-4 --misregister-px 0
         ;;
     ship)
         # the shipped checkpoint: the refine4 network (chosen on the selection studies over refine3,
