@@ -71,7 +71,7 @@ def main() -> None:
         pass
     t0 = time.perf_counter()
     pred = _predictor(a.checkpoint)
-    k = pred.preprocessing.slices
+    k, step, span = pred.preprocessing.slices, pred.preprocessing.slice_step, pred.preprocessing.span
     t_load = time.perf_counter() - t0
     if a.study is not None:
         from pipeline import geometry, reader, selection, stacks, suv
@@ -86,14 +86,14 @@ def main() -> None:
         print(f"pipeline load + stacks: {time.perf_counter() - t1:.2f} s")
     else:
         rng = np.random.default_rng(0)
-        planes = rng.random((a.slices_n + k - 1, 2, a.height, a.width), dtype=np.float32)
-        inputs = np.moveaxis(np.lib.stride_tricks.sliding_window_view(planes, k, axis=0), -1, 2)
+        planes = rng.random((a.slices_n + span - 1, 2, a.height, a.width), dtype=np.float32)
+        inputs = np.moveaxis(np.lib.stride_tricks.sliding_window_view(planes, span, axis=0)[..., ::step], -1, 2)
     pred.predict(inputs[:2])  # warm-up (numba kernels load from cache)
     t2 = time.perf_counter()
     probs = pred.predict(inputs, batch_size=a.batch_size, flips=a.flips)
     t_inf = time.perf_counter() - t2
     n, _, _, h, w = inputs.shape
-    print(f"model {pred.version}: K={k}, {n} stacks of {h}x{w}, {a.threads} threads, test-time flips {a.flips!r}")
+    print(f"model {pred.version}: K={k} (slice step {step}), {n} stacks of {h}x{w}, {a.threads} threads, test-time flips {a.flips!r}")
     print(f"checkpoint load: {t_load:.2f} s")
     print(f"inference: {t_inf:.2f} s ({1000 * t_inf / n:.1f} ms/stack); target <= 10 s")
     print(f"peak RSS: {_peak_rss_mib():.0f} MiB; target < 2048 MiB")

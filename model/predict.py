@@ -91,7 +91,7 @@ class Predictor:
     def _predict_once(self, inputs: np.ndarray, batch_size: int) -> np.ndarray:
         k = self.preprocessing.slices
         n = inputs.shape[0]
-        layout = shared_plane_layout(inputs) if k > 1 and n > 1 else None
+        layout = shared_plane_layout(inputs, self.preprocessing.slice_step) if k > 1 and n > 1 else None
         if layout is not None:
             return predict_planes(self.network, *layout, batch_size=batch_size, device=self.device)
         out = np.empty((n, inputs.shape[3], inputs.shape[4]), dtype=np.float32)
@@ -121,18 +121,22 @@ def predict_planes(network: nn.Module, planes: np.ndarray, index: np.ndarray, ba
     return out
 
 
-def shared_plane_layout(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Planes and (N, K) index when consecutive stacks share K-1 planes, else None.
+def shared_plane_layout(inputs: np.ndarray, step: int = 1) -> tuple[np.ndarray, np.ndarray] | None:
+    """Planes and (N, K) index when the stacks come from one sliding window, else None.
 
-    Recognises stacks from a sliding window over slices in either slice order
-    (``StackSet.inputs``), so each plane is encoded once instead of K times.
+    Recognises ``StackSet.inputs`` (either slice order): stack ``i``'s slice ``j`` is
+    plane ``i + j * step``, so each plane is encoded once instead of K times.
     """
     n, _, k = inputs.shape[:3]
-    steps = np.arange(n)[:, None]
-    if np.array_equal(inputs[1:, :, :-1], inputs[:-1, :, 1:]):
-        planes = np.concatenate([inputs[:, :, 0], inputs[-1, :, 1:].transpose(1, 0, 2, 3)], axis=0)
-        return planes, (steps + np.arange(k)[None]).astype(np.int64)
-    if np.array_equal(inputs[1:, :, 1:], inputs[:-1, :, :-1]):
-        planes = np.concatenate([inputs[:, :, -1], inputs[-1, :, :-1][:, ::-1].transpose(1, 0, 2, 3)], axis=0)
-        return planes, (steps + np.arange(k)[None, ::-1]).astype(np.int64)
+    if n <= step:
+        return None
+    for order in (slice(None), slice(None, None, -1)):
+        x = inputs[:, :, order]
+        if np.array_equal(x[step:, :, :-1], x[:-step, :, 1:]):
+            first = np.arange(n)  # plane p < n is slice 0 of stack p
+            later = np.arange(n, n + (k - 1) * step)  # the rest: slice j of stack p - j * step
+            j = (later - (n - 1) + step - 1) // step
+            planes = np.concatenate([x[first, :, 0], x[later - j * step, :, j]], axis=0)
+            index = np.arange(n)[:, None] + step * np.arange(k)[None]
+            return planes, (index[:, order] if order.step else index).astype(np.int64)
     return None

@@ -19,7 +19,10 @@ class Preprocessing:
     Parameters
     ----------
     slices:
-        K, the number of adjacent CT slices per stack (odd; centre slice is predicted).
+        K, the number of CT slices per stack (odd; centre slice is predicted).
+    slice_step:
+        CT slices from one stack slice to the next (1: adjacent slices). A step of 2
+        lets the same K see twice as far along the breathing axis.
     pixel_spacing_mm:
         In-plane spacing of the model grid (mm); CT-grid slices are resampled to it.
     size_multiple:
@@ -33,6 +36,7 @@ class Preprocessing:
     """
 
     slices: int = 5
+    slice_step: int = 1
     pixel_spacing_mm: float = 2.0
     size_multiple: int = 16
     ct_window: tuple[float, float] = (-1000.0, 400.0)
@@ -42,8 +46,15 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.slices < 1 or self.slices % 2 == 0:
             raise ValueError(f"slices (K) must be a positive odd number, got {self.slices}")
+        if self.slice_step < 1:
+            raise ValueError(f"slice_step must be a positive number of CT slices, got {self.slice_step}")
         if self.pixel_spacing_mm <= 0:
             raise ValueError("pixel_spacing_mm must be positive")
+
+    @property
+    def span(self) -> int:
+        """CT slices one stack covers, from its first slice to its last."""
+        return (self.slices - 1) * self.slice_step + 1
 
     def normalise_ct(self, hu: np.ndarray) -> np.ndarray:
         """Map HU to [-1, 1] over ``ct_window`` (float32)."""
@@ -61,6 +72,8 @@ class Preprocessing:
         """JSON-ready form for checkpoint metadata."""
         d = asdict(self)
         d["ct_window"] = list(self.ct_window)
+        if self.slice_step == 1:  # checkpoints and sample caches from before the option keep their identity
+            del d["slice_step"]
         return d
 
     @classmethod

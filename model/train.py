@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,37 +53,53 @@ class StudySamples:
     name:
         Study identifier for logs (no patient data).
     planes:
-        (N + K - 1, 2, H, W) float32/float16 normalised PET and CT planes.
+        (N + span - 1, 2, H, W) float32/float16 normalised PET and CT planes, one per
+        CT slice; stack ``i`` takes K of them, ``slice_step`` apart, from plane ``i``.
     labels:
         (N, H, W) target of each stack's centre slice: uint8 0/1 (majority labels) or
         float area fractions in [0, 1]; a pixel counts as target from 0.5 (:meth:`target`).
     spacing_mm:
         (slice spacing, pixel spacing) of the model grid.
+    slice_step:
+        CT slices between consecutive slices of a stack (``Preprocessing.slice_step``).
     """
 
     name: str
     planes: np.ndarray
     labels: np.ndarray
     spacing_mm: tuple[float, float] = (3.0, 2.0)
+    slice_step: int = 1
 
     def __post_init__(self) -> None:
         if self.planes.ndim != 4 or self.planes.shape[1] != 2:
             raise ValueError(f"{self.name}: planes must be (M, 2, H, W), got {self.planes.shape}")
         if self.labels.ndim != 3 or self.labels.shape[1:] != self.planes.shape[2:]:
             raise ValueError(f"{self.name}: labels {self.labels.shape} do not fit planes {self.planes.shape}")
+        if self.slice_step < 1 or (self.span - 1) % self.slice_step:
+            raise ValueError(f"{self.name}: {self.span} planes per stack do not make stacks of slices "
+                             f"{self.slice_step} apart")
 
     def target(self, i: int | slice = slice(None)) -> np.ndarray:
         """Boolean target of stack(s) ``i``: label >= 0.5, for majority and area labels alike."""
         return self.labels[i] >= 0.5
 
     @property
-    def k(self) -> int:
-        """K implied by the plane and label counts."""
+    def span(self) -> int:
+        """Planes one stack covers, first to last (implied by the plane and label counts)."""
         return self.planes.shape[0] - self.labels.shape[0] + 1
+
+    @property
+    def k(self) -> int:
+        """K, the slices per stack."""
+        return (self.span - 1) // self.slice_step + 1
+
+    def stack_planes(self, i: int) -> np.ndarray:
+        """(K, 2, H, W) planes of stack ``i`` (a view, in the stored dtype)."""
+        return self.planes[i : i + self.span : self.slice_step]
 
     def stack(self, i: int) -> np.ndarray:
         """(2, K, H, W) float32 input of stack ``i``."""
-        return np.moveaxis(self.planes[i : i + self.k], 0, 1).astype(np.float32)
+        return np.moveaxis(self.stack_planes(i), 0, 1).astype(np.float32)
 
 
 @dataclass
@@ -192,7 +208,7 @@ class PatchSampler:
             i, cy, cx = (int(v) for v in self.mined[si][int(rng.integers(len(self.mined[si])))])
         elif r < cfg.target_fraction + cfg.hard_negative_fraction:
             i = int(rng.integers(n))
-            pet = s.planes[i + s.k // 2, 0].astype(np.float32)
+            pet = s.planes[i + s.span // 2, 0].astype(np.float32)
             hot = (pet > max(0.35, float(pet.max()) * 0.5)) & (s.labels[i] == 0)
             ys, xs = np.nonzero(hot)
             if len(ys):
@@ -203,7 +219,7 @@ class PatchSampler:
         else:
             i = int(rng.integers(n))
             cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        planes = s.planes[i : i + s.k]  # (K, 2, H, W): crop first, then convert only the patch
+        planes = s.stack_planes(i)  # (K, 2, H, W): crop first, then convert only the patch
         xp = np.stack([_crop(planes[:, 0], cy, cx, cfg.patch, 0.0), _crop(planes[:, 1], cy, cx, cfg.patch, -1.0)])
         xp = xp.astype(np.float32, copy=False)
         yp = _crop(s.labels[i].astype(np.float32), cy, cx, cfg.patch, 0.0)
@@ -298,7 +314,7 @@ def predict_study(model: nn.Module, study: StudySamples, batch_size: int = 16) -
     from model.predict import predict_planes
 
     n = len(study.labels)
-    index = np.arange(n)[:, None] + np.arange(study.k)[None]  # stack i = planes i .. i+K-1
+    index = np.arange(n)[:, None] + study.slice_step * np.arange(study.k)[None]  # stack i from plane i
     return predict_planes(model, study.planes, index, batch_size, next(model.parameters()).device)
 
 
@@ -522,10 +538,11 @@ def train_model(
         model, init_meta = load_checkpoint(init)
         if not isinstance(model, SimMamba):
             raise CheckpointError(f"checkpoint {init}: an ensemble cannot be fine-tuned; start from one of its members")
-        if init_meta["preprocessing"] != prep.to_dict():
+        init_prep = Preprocessing.from_dict(init_meta["preprocessing"])
+        if replace(init_prep, slice_step=prep.slice_step) != prep:  # a new slice step keeps K: weights fit
             raise CheckpointError(
                 f"checkpoint {init}: its preprocessing {init_meta['preprocessing']} differs from this run's "
-                f"{prep.to_dict()}; rebuild the samples with the checkpoint's preprocessing"
+                f"{prep.to_dict()} beyond the slice step; rebuild the samples with the checkpoint's preprocessing"
             )
         net_cfg = model.cfg
     else:
@@ -534,8 +551,9 @@ def train_model(
     if net_cfg.slices != prep.slices:
         raise ValueError(f"network K={net_cfg.slices} but samples were built with K={prep.slices}")
     for s in list(train) + list(val):
-        if s.k != prep.slices:
-            raise ValueError(f"{s.name}: samples have K={s.k}, expected {prep.slices}")
+        if s.k != prep.slices or s.slice_step != prep.slice_step:
+            raise ValueError(f"{s.name}: samples have K={s.k} with slice step {s.slice_step}, expected "
+                             f"K={prep.slices} with slice step {prep.slice_step}")
     model.to(device)
     frozen = freeze_stages(model, cfg.freeze)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -239,6 +239,7 @@ def train(
     labels: str = typer.Option("majority", help="Model-grid targets: 'majority' (0/1 by majority of each 2 mm pixel's CT pixels) or 'area' (the fraction of the pixel inside the label: sub-pixel boundaries; measured no better, see the model card)."),
     envelope_weight: float = typer.Option(1.0, help="BCE weight of target pixels where the CT shows lung (the breathing envelope only the PET marks); 1 = no extra weight."),
     misregister_px: float = typer.Option(2.0, help="Augmentation: shift the PET against the CT by up to this many model pixels (2 mm each) to simulate misregistration; 0 = off."),
+    slice_step: int | None = typer.Option(None, help="CT slices between the K slices of a stack (1 = adjacent; 2 sees twice as far along the breathing axis). Default: the --init checkpoint's, else 1. Changing it keeps K, so the weights still fit."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError
@@ -252,7 +253,7 @@ def train(
                 epochs=epochs, seed=seed, cache=cache, val_fraction=val_fraction, resume=resume,
                 device=device, workers=workers, batch_size=batch_size, patch=patch,
                 samples_per_epoch=samples_per_epoch, lr=lr, threads=threads, dice=dice_loss, mine_every=mine_every,
-                labels=labels, envelope_weight=envelope_weight, misregister_px=misregister_px,
+                labels=labels, envelope_weight=envelope_weight, misregister_px=misregister_px, slice_step=slice_step,
             )
         )
     except IgtvError as exc:

@@ -9,7 +9,8 @@ canonical in-plane orientation (array columns towards the patient's left, rows
 towards posterior, as a head-first supine scan is displayed), so prone and
 feet-first scans look like supine head-first ones to the model; the view is a
 numpy view (flips/transposition), undone exactly on the way back. The K slices
-of a stack are ordered from inferior to superior.
+of a stack are ``prep.slice_step`` CT slices apart (1: adjacent), ordered from
+inferior to superior.
 
 Channels: ``inputs[:, 0]`` is PET (SUV, ``prep.normalise_pet``),
 ``inputs[:, 1]`` is CT (HU, ``prep.normalise_ct``). Outside the CT image
@@ -268,8 +269,9 @@ class StackSet:
     Attributes
     ----------
     planes:
-        (N + K - 1, 2, H, W) float32 normalised model-grid planes (PET, CT);
-        ``inputs`` is a sliding-window view of them.
+        (N + span - 1, 2, H, W) float32 normalised model-grid planes (PET, CT), one
+        per CT slice (``prep.span``: K slices ``prep.slice_step`` apart); ``inputs``
+        is a sliding-window view of them.
     slice_indices:
         (N,) CT z index of each stack's centre slice.
     ct_shape:
@@ -299,8 +301,7 @@ class StackSet:
 
         Use ``np.ascontiguousarray(inputs[a:b])`` for a batch.
         """
-        k = self.prep.slices
-        view = sliding_window_view(self.planes, k, axis=0)  # (N, 2, H, W, K)
+        view = sliding_window_view(self.planes, self.prep.span, axis=0)[..., :: self.prep.slice_step]  # (N, 2, H, W, K)
         view = np.moveaxis(view, -1, 2)
         if not self.canonical.z_superior:
             view = view[:, :, ::-1]
@@ -434,7 +435,7 @@ def build_stacks(ct: SeriesVolume, pet_on_ct: sitk.Image, prep: Preprocessing) -
     ymap = AxisMap.centred(y0, y1, ny, sy, prep.pixel_spacing_mm, prep.size_multiple)
     xmap = AxisMap.centred(x0, x1, nx, sx, prep.pixel_spacing_mm, prep.size_multiple)
     spans = (_nonzero_span(ymap.area()), _nonzero_span(xmap.area()))
-    half = prep.slices // 2
+    half = prep.span // 2
     centres = np.arange(z0, z1 + 1)
     plane_z = np.clip(np.arange(z0 - half, z1 + half + 1), 0, nz - 1)
     unique_z, inverse = np.unique(plane_z, return_inverse=True)

@@ -15,7 +15,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class TrainRequest:
     labels: str = "majority"
     envelope_weight: float = 1.0
     misregister_px: float = 2.0
+    slice_step: int | None = None
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -152,7 +153,7 @@ def build_samples(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing,
         planes, target = planes[::-1], target[::-1]
     z_spacing = float(ct.image.GetSpacing()[2])
     samples = StudySamples(ref.study_uid, np.ascontiguousarray(planes), np.ascontiguousarray(target),
-                           (z_spacing, prep.pixel_spacing_mm))
+                           (z_spacing, prep.pixel_spacing_mm), prep.slice_step)
     log.info("study %s: %d stacks of %dx%d, %s label from %s (%d positive slices)", ref.study_uid,
              len(target), *target.shape[1:], labels, source, int(samples.target().reshape(len(target), -1).any(1).sum()))
     return samples
@@ -164,14 +165,16 @@ def save_samples(path: Path, s: StudySamples) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     labels = s.labels.astype(np.uint8) if s.labels.dtype == np.uint8 else s.labels.astype(np.float16)
     np.savez(tmp, planes=s.planes.astype(np.float16), labels=labels,
-             spacing=np.asarray(s.spacing_mm, dtype=np.float64), name=np.asarray(s.name))
+             spacing=np.asarray(s.spacing_mm, dtype=np.float64), name=np.asarray(s.name),
+             slice_step=np.asarray(s.slice_step))
     tmp.replace(path)
 
 
 def load_samples(path: Path) -> StudySamples:
     """Read samples written by :func:`save_samples` (``allow_pickle=False``)."""
     with np.load(path, allow_pickle=False) as z:
-        return StudySamples(str(z["name"]), z["planes"], z["labels"], tuple(float(v) for v in z["spacing"]))
+        step = int(z["slice_step"]) if "slice_step" in z.files else 1  # caches from before the option
+        return StudySamples(str(z["name"]), z["planes"], z["labels"], tuple(float(v) for v in z["spacing"]), step)
 
 
 def prepare_sample_file(ref: StudyRef, roi_names: Sequence[str], prep: Preprocessing, labels: str,
@@ -240,6 +243,10 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         prep = Preprocessing.from_dict(read_metadata(req.init)["preprocessing"])
     else:
         prep = Preprocessing(slices=req.slices) if req.slices else Preprocessing()
+    if req.slice_step is not None:
+        if req.slice_step < 1:
+            raise PipelineError(f"slice step must be a positive number of CT slices, got {req.slice_step}")
+        prep = replace(prep, slice_step=req.slice_step)  # K, and so the weights' shapes, stay
     if req.dice not in DICE_MODES:
         raise PipelineError(f"unknown Dice loss {req.dice!r}; choose one of {DICE_MODES}")
     if req.labels not in LABEL_MODES:

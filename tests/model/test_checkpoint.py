@@ -167,6 +167,20 @@ def test_shared_planes_give_the_same_probabilities(tmp_path):
     assert shared_plane_layout(shuffled) is None
 
 
+@pytest.mark.parametrize("step", [2, 3])
+def test_shared_planes_of_stepped_stacks(step):
+    """Stacks whose slices are ``step`` planes apart are recognised, in either slice order."""
+    from model.predict import shared_plane_layout
+
+    planes = np.random.default_rng(step).normal(size=(12 + 2 * step, 2, 4, 4)).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(planes, 2 * step + 1, axis=0)[..., ::step]
+    for inputs in (np.moveaxis(windows, -1, 2), np.moveaxis(windows, -1, 2)[:, :, ::-1]):
+        shared, index = shared_plane_layout(inputs, step)
+        assert len(shared) == len(planes)  # each plane once
+        np.testing.assert_array_equal(np.moveaxis(shared[index], 1, 2), inputs)
+        assert shared_plane_layout(inputs, 1) is None
+
+
 def test_test_time_flips_average_the_flipped_passes(tmp_path):
     _, path = _saved(tmp_path)
     pred = Predictor.load(path)

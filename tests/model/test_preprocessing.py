@@ -9,6 +9,17 @@ def test_round_trip_through_dict():
     assert Preprocessing.from_dict(prep.to_dict()) == prep
 
 
+def test_slice_step_span_and_metadata():
+    prep = Preprocessing(slices=5, slice_step=2)
+    assert prep.span == 9 and Preprocessing().span == 5
+    assert Preprocessing.from_dict(prep.to_dict()) == prep and prep.to_dict()["slice_step"] == 2
+    # the default is left out, so checkpoints and caches made before the option keep their keys
+    assert "slice_step" not in Preprocessing().to_dict()
+    assert Preprocessing.from_dict({"slices": 5}).slice_step == 1
+    with pytest.raises(ValueError, match="slice_step"):
+        Preprocessing(slice_step=0)
+
+
 def test_unknown_keys_and_even_k_are_rejected():
     with pytest.raises(ValueError, match="unknown preprocessing keys"):
         Preprocessing.from_dict({"slices": 5, "bogus": 1})

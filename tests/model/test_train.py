@@ -11,6 +11,7 @@ from blobs import blob_study
 from scipy import ndimage
 
 from model.checkpoint import load_checkpoint, metadata_path
+from model.errors import CheckpointError
 from model.network import NetConfig
 from model.preprocessing import Preprocessing
 from model.train import (
@@ -52,6 +53,26 @@ def test_training_learns_and_resumes(tmp_path):
     assert [h["epoch"] for h in res2["history"]] == list(range(1, 6))
 
 
+def test_stepped_samples_take_every_other_plane_and_train(tmp_path):
+    def stepped(seed):
+        s = blob_study(seed, k=5)  # 5 planes per stack = K 3 with a step of 2
+        return StudySamples(s.name, s.planes, s.labels, s.spacing_mm, slice_step=2)
+
+    study = stepped(0)
+    assert (study.k, study.span) == (3, 5)
+    np.testing.assert_array_equal(study.stack(2), np.moveaxis(study.planes[[2, 4, 6]], 0, 1))
+    with pytest.raises(ValueError, match="2 apart"):
+        StudySamples("odd", study.planes[:-1], study.labels, slice_step=2)  # 4 planes per stack
+    prep = Preprocessing(slices=3, slice_step=2)
+    out = tmp_path / "m.safetensors"
+    res = train_model([stepped(s) for s in range(4)], [stepped(100), stepped(101)], out, prep, NET,
+                      _cfg(epochs=4, samples_per_epoch=96, lr=1e-2), progress=False)
+    assert res["best"]["val_dice"] > 0.5
+    assert json.loads(metadata_path(out).read_text())["preprocessing"]["slice_step"] == 2
+    with pytest.raises(ValueError, match="slice step 1, expected K=3 with slice step 2"):
+        train_model([blob_study(0)], [], tmp_path / "x.safetensors", prep, NET, _cfg(epochs=1), progress=False)
+
+
 def test_fine_tune_from_init_with_frozen_stem(tmp_path):
     train = [blob_study(s) for s in range(2)]
     base = tmp_path / "base.safetensors"
@@ -67,6 +88,9 @@ def test_fine_tune_from_init_with_frozen_stem(tmp_path):
     with pytest.raises(ValueError):
         train_model(train, [], tmp_path / "x.safetensors", PREP, None, _cfg(epochs=1, freeze=["nope"]),
                     init=base, progress=False)
+    with pytest.raises(CheckpointError, match="beyond the slice step"):  # only the slice step may change
+        train_model(train, [], tmp_path / "x.safetensors", Preprocessing(slices=3, pixel_spacing_mm=1.5), None,
+                    _cfg(epochs=1), init=base, progress=False)
 
 
 def test_augment_keeps_shapes_and_binary_labels():

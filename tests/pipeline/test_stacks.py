@@ -84,6 +84,28 @@ def test_neighbours_are_adjacent_ct_slices_with_edges_replicated(stackset):
                 np.testing.assert_allclose(s.inputs[i, 1, k], PREP.normalise_ct(by_z[z]), atol=1e-5)
 
 
+@pytest.mark.parametrize("iop", [GRID.iop, FFS], ids=["HFS", "FFS"])
+def test_slice_step_takes_every_other_ct_slice(iop):
+    grid = centred_grid(GRID.size, GRID.spacing, iop, shift=(0.0, 0.0, -70.0))
+    ct, pet = volume_on(grid)
+    stepped = build_stacks(ct, pet, Preprocessing(slices=5, slice_step=2))
+    plain = build_stacks(ct, pet, PREP)
+    assert stepped.inputs.shape == plain.inputs.shape
+    np.testing.assert_array_equal(stepped.slice_indices, plain.slice_indices)
+    by_z = {int(z): i for i, z in enumerate(plain.slice_indices)}
+    last = grid.size[2] - 1
+    offsets = range(-4, 5, 2) if stepped.canonical.z_superior else range(4, -5, -2)  # inferior to superior
+    checked = 0
+    for i, centre in enumerate(stepped.slice_indices):
+        for k, d in enumerate(offsets):
+            z = int(np.clip(centre + d, 0, last))
+            if z in by_z:  # the same CT slice as centre of the plain stacks
+                np.testing.assert_array_equal(stepped.inputs[i, :, k], plain.inputs[by_z[z], :, 2])
+                checked += 1
+    assert checked > 4 * len(stepped)
+    np.testing.assert_array_equal(stepped.inputs[:, :, 2], plain.inputs[:, :, 2])
+
+
 def test_crop_keeps_the_lungs_and_drops_slices_without_lung(stackset):
     s, ct, _pet = stackset
     z0, z1, y0, y1, x0, x1 = s.crop

@@ -64,6 +64,29 @@ def test_samples_from_dicom_match_the_label_and_cache_without_pickle(small_study
     assert load_samples(tmp_path / "x.npz").spacing_mm == s.spacing_mm
 
 
+def test_stepped_samples_are_the_inference_stacks(small_study, tmp_path):
+    """Training sees exactly what inference builds, also with slices two CT slices apart."""
+    from pipeline import geometry, reader, selection, stacks, suv
+
+    prep = Preprocessing(slices=3, slice_step=2)
+    refs = find_studies([small_study])
+    (s,) = cached_samples(refs, ["IGTV"], prep, tmp_path)
+    (plain,) = cached_samples(refs, ["IGTV"], Preprocessing(slices=3), tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # cached apart
+    assert (s.k, s.slice_step) == (3, 2) and load_samples(next(tmp_path.glob("*.npz"))).slice_step in (1, 2)
+    np.testing.assert_array_equal(s.labels, plain.labels)
+    chosen = selection.select_pet_ct(refs[0].series)
+    ct = reader.load_volume(chosen.ct)
+    pet_on_ct, _ = geometry.pet_onto_ct(suv.to_suv(reader.load_volume(chosen.pet)), ct)
+    inputs = stacks.build_stacks(ct, pet_on_ct, prep).inputs
+    assert stacks.build_stacks(ct, pet_on_ct, prep).canonical.z_superior  # else samples are stored reversed
+    for i in (0, len(s.labels) // 2, len(s.labels) - 1):
+        np.testing.assert_allclose(s.stack(i), inputs[i], atol=2e-3)  # float16 cache
+    with pytest.raises(PipelineError, match="slice step must be a positive"):
+        run_training(TrainRequest(data=[small_study], out=tmp_path / "x.safetensors", roi_names=["IGTV"],
+                                  slice_step=0, progress=False))
+
+
 def test_area_and_majority_labels_are_cached_apart_and_agree(small_study, tmp_path):
     prep = Preprocessing(slices=3)
     refs = find_studies([small_study])
@@ -105,8 +128,10 @@ def test_run_training_writes_checkpoint_and_fine_tunes(synthetic_study_factory, 
     ft = tmp_path / "igtv.safetensors"
     run_training(TrainRequest(data=studies, out=ft, roi_names=["IGTV"], init=base, freeze=["stem"], epochs=1,
                               seed=6, cache=tmp_path / "cache", val_fraction=0.5, samples_per_epoch=8,
-                              batch_size=4, threads=1, envelope_weight=2.0, misregister_px=0.0, progress=False))
+                              batch_size=4, threads=1, envelope_weight=2.0, misregister_px=0.0, slice_step=2,
+                              progress=False))
     meta_ft = json.loads(metadata_path(ft).read_text())
+    assert meta_ft["preprocessing"]["slices"] == 3 and meta_ft["preprocessing"]["slice_step"] == 2
     assert meta_ft["init"]["version"] == meta["version"] and meta_ft["training"]["freeze"] == ["stem"]
     assert meta_ft["training"]["envelope_weight"] == 2.0 and meta_ft["training"]["misregister_px"] == 0.0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # 2 studies x (GTV, IGTV)
