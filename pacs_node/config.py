@@ -207,6 +207,9 @@ def validate_config(cfg: NodeConfig) -> None:
     threshold = cfg.processing.threshold
     if threshold is not None and not is_threshold(threshold):
         raise ConfigError(f"processing.threshold must lie strictly between 0 and 1, got {threshold!r}")
+    outline = cfg.processing.delineation_threshold
+    if outline is not None and not is_threshold(outline):
+        raise ConfigError(f"processing.delineation_threshold must lie strictly between 0 and 1, got {outline!r}")
     if cfg.processing.register not in {"auto", "always", "never"}:
         raise ConfigError("processing.register must be auto, always or never")
     if cfg.processing.lesion_order not in {"volume", "confidence", "uptake"}:

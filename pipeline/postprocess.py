@@ -2,8 +2,9 @@
 
 Steps: threshold, 3D connected components (26-connectivity), removal of
 components smaller than ``min_component_cc``, at most ``keep`` components
-(largest, most confident or most FDG-avid first), then hole filling per component in 3D and in
-every axial slice. Components are numbered 1..n in that order.
+(largest, most confident or most FDG-avid first), each outlined at the delineation
+threshold when one is given, then hole filling per component in 3D and in every axial
+slice. Components are numbered 1..n in that order.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def postprocess(
     keep: int = 5,
     order_by: str = "volume",
     suv: np.ndarray | None = None,
+    delineation_threshold: float | None = None,
 ) -> np.ndarray:
     """Labelled lesion mask (uint8 (Z, Y, X); 0 background, 1 the first lesion, ...).
 
@@ -53,6 +55,11 @@ def postprocess(
         ``keep=1``, "confidence" keeps the component the network is surest of.
     suv:
         SUV on the CT grid (Z, Y, X); needed for ``order_by="uptake"``.
+    delineation_threshold:
+        When above ``threshold``, each kept component is cut down to its voxels with
+        ``prob >= delineation_threshold``: ``threshold`` decides which lesions are found
+        and kept, this one where their borders run. A component that nowhere reaches it
+        keeps its outline at ``threshold``. None: outlines at ``threshold``.
     """
     if order_by not in ORDERS:
         raise ValueError(f"order_by must be one of {ORDERS}, got {order_by!r}")
@@ -85,9 +92,13 @@ def postprocess(
     order = [int(i) + 1 for i in ranking if sizes[i] * voxel_cc >= min_component_cc]
     boxes = ndimage.find_objects(labels)
     target = out[box]
+    outline = delineation_threshold if delineation_threshold is not None and delineation_threshold > threshold else None
     for new, old in enumerate(order[: min(keep, 255)], start=1):
         sub = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[old - 1])
         part = labels[sub] == old
+        if outline is not None:
+            core = part & (prob[box][sub] >= outline)
+            part = core if core.any() else part
         part = ndimage.binary_fill_holes(part)
         part = ndimage.binary_fill_holes(part, structure=_PLANAR)
         region = target[sub]
@@ -99,13 +110,14 @@ def postprocess_with(
     prob: np.ndarray, spacing_zyx: Sequence[float], settings: ProcessSettings, threshold: float,
     suv: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:func:`postprocess` under a node's settings (size limit, lesions kept, their order) at ``threshold``.
+    """:func:`postprocess` under a node's settings (size limit, lesions kept, their order, outline) at ``threshold``.
 
     The one call shared by the worker, ``evaluate`` and ``calibrate``, so all three score
     the same post-processing.
     """
     return postprocess(prob, spacing_zyx, threshold=threshold, min_component_cc=settings.min_component_cc,
-                       keep=settings.keep_components, order_by=settings.lesion_order, suv=suv)
+                       keep=settings.keep_components, order_by=settings.lesion_order, suv=suv,
+                       delineation_threshold=settings.delineation_threshold)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

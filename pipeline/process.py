@@ -189,6 +189,7 @@ def process_study(
             "postprocessing": {
                 "threshold": threshold,
                 "threshold_from": threshold_source(settings, predictor),
+                "delineation_threshold": settings.delineation_threshold,
                 "min_component_cc": settings.min_component_cc,
                 "keep_components": settings.keep_components,
                 "lesion_order": settings.lesion_order,

@@ -21,6 +21,12 @@ class ProcessSettings:
     threshold:
         Probability threshold of the post-processing; None (default) uses the threshold
         the checkpoint was calibrated at (``igtv-node calibrate``; 0.5 if never).
+    delineation_threshold:
+        Kept lesions are outlined where the probability reaches this (when it is above
+        ``threshold``): the threshold decides which lesion is found and kept, this one
+        where its border runs; a lesion that never reaches it keeps its outline at the
+        threshold. None outlines at the threshold. The default 0.5 beat outlining at the
+        calibrated 0.3 for every network tried on the 48 selection studies (docs/model_card.md).
     min_component_cc:
         Connected components smaller than this (cc) are removed.
     keep_components:
@@ -47,6 +53,7 @@ class ProcessSettings:
     checkpoint: Path | None = None
     device: str = "cpu"
     threshold: float | None = None
+    delineation_threshold: float | None = 0.5
     min_component_cc: float = 0.1
     keep_components: int = 1
     lesion_order: str = "confidence"

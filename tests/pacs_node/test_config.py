@@ -62,6 +62,7 @@ roi_color = [0, 255, 0]
         ("[processing]\nregister = 'sometimes'\n", "register must be"),
         ("[processing]\nthreshold = 1.5\n", "threshold must lie strictly between 0 and 1"),
         ("[processing]\nthreshold = 'high'\n", "threshold must lie strictly between 0 and 1"),
+        ("[processing]\ndelineation_threshold = 0.0\n", "delineation_threshold must lie strictly between 0 and 1"),
         ("not toml at all [", "not valid TOML"),
     ],
 )

@@ -132,3 +132,31 @@ def test_postprocess_with_applies_each_setting():
                           postprocess(prob, SPACING, threshold=0.5, min_component_cc=0.5, keep=3, order_by="volume"))
     assert postprocess_with(prob, SPACING, wide, 0.5).max() == 2  # the 0.1 cc component is dropped
     assert postprocess_with(prob, SPACING, wide, 0.7).max() == 1  # the threshold is the one given
+
+
+def test_delineation_threshold_outlines_the_lesion_the_threshold_found():
+    from pipeline.postprocess import postprocess_with
+    from pipeline.settings import ProcessSettings
+
+    prob = blank()
+    prob[2:12, 5:25, 5:25] = 0.35  # a lesion found at 0.3 ...
+    prob[4:10, 10:20, 10:20] = 0.8  # ... whose confident core (600 voxels) is the outline at 0.5
+    prob[14:18, 40:50, 40:50] = 0.4  # a less confident lesion, never above 0.5
+    found = postprocess(prob, SPACING, threshold=0.3, keep=2, order_by="confidence")
+    outlined = postprocess(prob, SPACING, threshold=0.3, keep=2, order_by="confidence", delineation_threshold=0.5)
+    assert int((found == 1).sum()) == 4000 and int((outlined == 1).sum()) == 600
+    assert outlined[6, 15, 15] == 1 and outlined[3, 6, 6] == 0
+    # the faint lesion nowhere reaches 0.5: it keeps its outline at the threshold
+    assert int((outlined == 2).sum()) == int((found == 2).sum()) == 400
+    # a delineation threshold at or below the threshold changes nothing
+    assert np.array_equal(postprocess(prob, SPACING, threshold=0.3, keep=2, delineation_threshold=0.3),
+                          postprocess(prob, SPACING, threshold=0.3, keep=2))
+    # which lesion is kept is still decided at the threshold (mean probability over the whole component)
+    prob[14:18, 40:50, 40:50] = 0.6
+    assert postprocess(prob, SPACING, threshold=0.3, keep=1, order_by="confidence",
+                       delineation_threshold=0.5)[6, 15, 15] == 0
+    settings = ProcessSettings(keep_components=2)
+    assert settings.delineation_threshold == 0.5
+    assert np.array_equal(postprocess_with(prob, SPACING, settings, 0.3),
+                          postprocess(prob, SPACING, threshold=0.3, keep=2, order_by="confidence",
+                                      delineation_threshold=0.5))

@@ -70,6 +70,7 @@ def test_outputs_are_written_and_described(oracle_run):
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["version"] == "oracle-1"
     assert report["postprocessing"]["threshold"] == 0.5 and report["postprocessing"]["threshold_from"] == "default"
+    assert report["postprocessing"]["delineation_threshold"] == 0.5
     assert {"load", "suv", "register", "stacks", "inference", "writers"} <= set(report["timings_s"])
 
 
