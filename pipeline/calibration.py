@@ -1,9 +1,9 @@
 """``igtv-node calibrate``: choose a checkpoint's probability threshold on labelled studies.
 
 Each study is predicted once; the post-processing (small components removed,
-lesions ranked and kept as in the given :class:`~pipeline.settings.ProcessSettings`,
-by default the node's defaults) then runs at every candidate threshold, and the threshold with the highest mean
-Dice is chosen. Ties go to the candidate nearest 0.5. Calibrate on studies that
+lesions ranked and kept, and outlined at the delineation threshold, as in the given
+:class:`~pipeline.settings.ProcessSettings`, by default the node's defaults) then runs at
+every candidate threshold, and the threshold with the highest mean Dice is chosen. Ties go to the candidate nearest 0.5. Calibrate on studies that
 neither trained the model nor will report its final accuracy.
 """
 
@@ -41,12 +41,15 @@ class Calibration:
         Target volume of each case (cc).
     studies:
         StudyInstanceUIDs of the cases, in row order.
+    delineation_threshold:
+        The post-processing's outline threshold the candidates were scored with.
     """
 
     thresholds: list[float]
     dice: np.ndarray
     truth_cc: np.ndarray
     studies: list[str] = field(default_factory=list)
+    delineation_threshold: float | None = None
 
     @property
     def mean(self) -> np.ndarray:
@@ -81,6 +84,7 @@ class Calibration:
             "studies": len(self.studies),
             "study_digest": digest,
             "candidates": {f"{t:g}": round(float(m), 4) for t, m in zip(self.thresholds, self.mean, strict=True)},
+            "delineation_threshold": self.delineation_threshold,
         }
 
 
@@ -134,4 +138,5 @@ def calibrate(
         if echo:
             print(f"{case.study_uid}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(thresholds, row, strict=True)),
                   flush=True)
-    return Calibration(thresholds, np.asarray(rows, dtype=float), np.asarray(volumes), studies)
+    return Calibration(thresholds, np.asarray(rows, dtype=float), np.asarray(volumes), studies,
+                       settings.delineation_threshold)

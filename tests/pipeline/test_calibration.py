@@ -34,6 +34,7 @@ def test_bad_candidates_and_unlabelled_data_are_refused(tmp_path):
 def test_calibration_scores_agree_with_evaluate(small_study):
     cal = calibrate([small_study], candidates=[0.97, 0.5, 0.3], echo=False)
     assert cal.thresholds == [0.3, 0.5, 0.97] and cal.dice.shape == (1, 3)
+    assert cal.record()["delineation_threshold"] == 0.5  # the node's default outline, recorded with the choice
     for j, threshold in enumerate(cal.thresholds):
         evaluated = run_evaluation([small_study], baselines=False, threshold=threshold, echo=False)
         assert cal.dice[0, j] == pytest.approx(evaluated["cases"][0]["SIM-Mamba"]["dice"])
