@@ -4,7 +4,7 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 ship calibrate eval
+#   refine3 refine4 refine5 refine6 ship calibrate eval
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -18,7 +18,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 ship calibrate eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 ship calibrate eval}
 IGTV=${IGTV:-igtv-node}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
@@ -92,6 +92,15 @@ for stage in $STAGES; do
         # 3 more epochs of refine3's recipe at half the learning rate
         on_256 refine3_igtv refine4_igtv 3 1e-4 --misregister-px 0
         ;;
+    refine5)
+        # refine4 with stacks of K=5 slices two CT slices apart (same weights, twice the reach
+        # along the breathing axis), 4 epochs
+        on_256 refine4_igtv refine5_igtv 4 2e-4 --misregister-px 0 --slice-step 2
+        ;;
+    refine6)
+        # 3 more epochs of refine5 at half the learning rate (the slice step comes with the init)
+        on_256 refine5_igtv refine6_igtv 3 1e-4 --misregister-px 0
+        ;;
     ship)
         # the shipped checkpoint: the refine4 network (chosen on the selection studies over refine3,
         # refine2, shipped before, and the same fine-tune with the misregistration augmentation kept)
@@ -108,7 +117,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 ship calibrate eval)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 ship calibrate eval)" >&2
         exit 2
         ;;
     esac

@@ -285,16 +285,21 @@ def evaluate(
     baselines: bool = typer.Option(True, help="Also run the SUV-40% baseline."),
     out: Path | None = typer.Option(None, "--out", help="Write per-case results as JSON here."),
     threshold: float | None = typer.Option(None, help="Probability threshold; default the checkpoint's calibrated one."),
+    config: Path | None = typer.Option(None, "--config", help="node.toml whose [processing] post-processing "
+                                                              "(keep, order, outline, flips, ...) to evaluate under; "
+                                                              "default the built-in one."),
     device: str = typer.Option("cpu", help="Where the network runs: cpu, cuda or auto."),
 ) -> None:
     """Per-case Dice, HD95 and volume ratio on the original CT grid."""
+    from pacs_node.config import load_config
     from pipeline.errors import IgtvError
     from pipeline.evaluation import run_evaluation
 
     _setup_logging("WARNING")
     try:
+        settings = load_config(config).processing if config is not None else None
         run_evaluation(list(data), checkpoint=checkpoint, roi_names=list(roi), baselines=baselines, out=out,
-                       threshold=threshold, device=device)
+                       threshold=threshold, device=device, settings=settings)
     except (IgtvError, ValueError) as exc:
         _fail(exc)
 

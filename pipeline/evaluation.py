@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,7 @@ def run_evaluation(
     threshold: float | None = None,
     echo: bool = True,
     device: str = "cpu",
+    settings: ProcessSettings | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (default: shipped) and baselines on labelled studies.
 
@@ -210,6 +211,9 @@ def run_evaluation(
         Probability threshold for every model; None uses each checkpoint's calibrated one.
     device:
         Where the networks run ("cpu", "cuda", "auto").
+    settings:
+        The post-processing (lesions kept, their order, outline, flips; default the
+        node's); ``threshold``, when given, replaces its threshold.
 
     Returns
     -------
@@ -221,7 +225,7 @@ def run_evaluation(
 
     if threshold is not None and not is_threshold(threshold):
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    settings = ProcessSettings(threshold=threshold)
+    settings = replace(settings or ProcessSettings(), **({} if threshold is None else {"threshold": threshold}))
     models = {"SIM-Mamba": Predictor.load(checkpoint, device=device)}
     for name, path in (extra or {}).items():
         models[name] = Predictor.load(path, device=device)

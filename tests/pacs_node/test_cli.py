@@ -95,3 +95,5 @@ def test_calibrate_command_writes_the_chosen_threshold(small_study, tmp_path):
     assert out.exit_code != 0 and "does not exist" in out.output
     out = runner.invoke(app, ["evaluate", str(small_study), "--threshold", "50"])
     assert out.exit_code != 0 and "strictly between 0 and 1" in out.output
+    out = runner.invoke(app, ["evaluate", str(small_study), "--config", str(tmp_path / "nope.toml")])
+    assert out.exit_code != 0 and "does not exist" in out.output

@@ -75,6 +75,12 @@ def test_evaluate_command_on_a_labelled_study(small_study, tmp_path):
         assert result["summary"][method]["dice_mean"] == pytest.approx(case[method]["dice"])
     saved = json.loads(out.read_text())
     assert saved["by_size"].keys() == {"SIM-Mamba", "SUV40"} and "IGTV <" in saved["table"]
+    # the post-processing given is the one applied (here: keep no lesion), with the threshold given
+    from pipeline.settings import ProcessSettings
+
+    none_kept = run_evaluation([small_study], baselines=False, echo=False, threshold=0.4,
+                               settings=ProcessSettings(keep_components=0))
+    assert none_kept["cases"][0]["SIM-Mamba"]["dice"] == 0.0 and none_kept["thresholds"]["SIM-Mamba"] == 0.4
 
 
 def test_a_threshold_outside_zero_one_is_refused(tmp_path):
