@@ -4,7 +4,7 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 refine5 refine6 ship calibrate eval
+#   refine3 refine4 refine5 ship calibrate eval
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -18,7 +18,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 ship calibrate eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 ship calibrate eval}
 IGTV=${IGTV:-igtv-node}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
@@ -97,15 +97,11 @@ for stage in $STAGES; do
         # along the breathing axis), 4 epochs
         on_256 refine4_igtv refine5_igtv 4 2e-4 --misregister-px 0 --slice-step 2
         ;;
-    refine6)
-        # 3 more epochs of refine5 at half the learning rate (the slice step comes with the init)
-        on_256 refine5_igtv refine6_igtv 3 1e-4 --misregister-px 0
-        ;;
     ship)
-        # the shipped checkpoint: the refine4 network (chosen on the selection studies over refine3,
-        # refine2, shipped before, and the same fine-tune with the misregistration augmentation kept)
-        cp "$RUNS/refine4_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
-        cp "$RUNS/refine4_igtv.json" "$RUNS/igtv_sim_mamba.json"
+        # the shipped checkpoint: the refine5 network (chosen on the selection studies over refine4,
+        # shipped before, refine5 continued at half the learning rate, and earlier candidates)
+        cp "$RUNS/refine5_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
+        cp "$RUNS/refine5_igtv.json" "$RUNS/igtv_sim_mamba.json"
         ;;
     calibrate)
         # the probability threshold with the best mean Dice on the selection studies, stored in the checkpoint
@@ -117,7 +113,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 ship calibrate eval)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 ship calibrate eval)" >&2
         exit 2
         ;;
     esac
