@@ -3,8 +3,9 @@
 Each study is predicted once; the post-processing (small components removed,
 lesions ranked and kept, and outlined at the delineation threshold, as in the given
 :class:`~pipeline.settings.ProcessSettings`, by default the node's defaults) then runs at
-every candidate threshold, and the threshold with the highest mean Dice is chosen. Ties go to the candidate nearest 0.5. Calibrate on studies that
-neither trained the model nor will report its final accuracy.
+every candidate threshold, and the threshold with the highest mean Dice is chosen. Ties
+go to the candidate nearest 0.5. Calibrate on studies that neither trained the model nor
+will report its final accuracy.
 """
 
 from __future__ import annotations
