@@ -22,9 +22,15 @@ For every labelled study (IGTV and GTV truth, as ``igtv-node synth`` writes them
 * ``ceiling maj`` / ``ceiling area``: Dice of the IGTV after the trip onto the model grid
   and back (bilinear, >= 0.5), as 0/1 majority labels and as area fractions
   (``igtv-node train --labels``): what a network that reproduced its training targets
-  exactly would score.
+  exactly would score;
+* ``env marked`` / ``PET oracle``: how much of the envelope the PET marks (2 SD above the
+  lung around it) and the Dice of the GTV grown into its PET region at the best fraction
+  of its peak for that study (:mod:`pipeline.envelope`): properties of the study, not of
+  the checkpoint.
 
-Means are printed over all studies and over those below and above 2 cc of IGTV.
+Means are printed over all studies and over those below and above 2 cc of IGTV, and the
+PET rule's best single fraction over all studies (one rule for every study, not told
+the answer per study).
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ sys.path.insert(0, str(ROOT))
 
 def analyse_case(ref, predictor) -> dict[str, float]:
     """The columns of one study (see the module docstring)."""
+    import SimpleITK as sitk
+
     from model.metrics import dice
     from pipeline import stacks
+    from pipeline.envelope import envelope_evidence
     from pipeline.evaluation import case_probabilities, load_case, postprocess_case
     from pipeline.settings import ProcessSettings
     from pipeline.training import _label_mask
@@ -59,6 +68,7 @@ def analyse_case(ref, predictor) -> dict[str, float]:
     majority = grid.to_ct_grid(grid.labels_from_ct_grid(truth).astype(np.float32)) >= 0.5
     area = grid.to_ct_grid(grid.to_model_grid(truth.astype(np.float32))) >= 0.5
     envelope = truth & ~gtv
+    evidence = envelope_evidence(truth, gtv, sitk.GetArrayViewFromImage(case.pet_on_ct), case.spacing_zyx)
     return {
         "igtv_cc": float(truth.sum() * voxel_cc),
         "gtv_cc": float(gtv.sum() * voxel_cc),
@@ -72,6 +82,9 @@ def analyse_case(ref, predictor) -> dict[str, float]:
         "dice_if_envelope_found": dice(pred | envelope, truth),
         "ceiling_majority": dice(majority, truth),
         "ceiling_area": dice(area, truth),
+        "envelope_marked": evidence.envelope_marked,
+        "pet_oracle": evidence.pet_oracle,
+        "pet_rule_dice": list(evidence.rule_dice),
     }
 
 
@@ -94,9 +107,10 @@ def main() -> None:
     predictor = Predictor.load(a.checkpoint)
     refs = [r for r in find_studies(a.data) if r.label_series]
     cols = ["igtv_cc", "gtv_cc", "pred_cc", "dice", "dice_vs_gtv", "max_prob_in_igtv", "envelope_share",
-            "found_gtv", "found_envelope", "dice_if_envelope_found", "ceiling_majority", "ceiling_area"]
+            "found_gtv", "found_envelope", "dice_if_envelope_found", "ceiling_majority", "ceiling_area",
+            "envelope_marked", "pet_oracle"]
     print("| study | IGTV cc | GTV cc | predicted cc | Dice | vs GTV | p in IGTV | envelope | found GTV | found env "
-          "| if env found | ceiling maj | ceiling area |")
+          "| if env found | ceiling maj | ceiling area | env marked | PET oracle |")
     print("|---" * (len(cols) + 1) + "|")
     rows = []
     for ref in refs:
@@ -108,8 +122,26 @@ def main() -> None:
     means = {name: {c: float(np.mean([r[c] for r in group])) for c in cols} for name, group in groups.items() if group}
     for name, values in means.items():
         print(f"| {name} ({len(groups[name])}) | " + " | ".join(f"{values[c]:.3f}" for c in cols) + " |")
+    rule = best_single_fraction(rows)
+    print(f"PET rule at one fraction for all studies: {rule['fraction']:.3f} of the peak, mean Dice {rule['dice']:.3f} "
+          f"(< {SMALL_TARGET_CC:g} cc {rule['dice_small']:.3f}, >= {SMALL_TARGET_CC:g} cc {rule['dice_large']:.3f})")
     if a.json:
-        a.json.write_text(json.dumps({"version": predictor.version, "cases": rows, "mean": means}, indent=1) + "\n")
+        a.json.write_text(json.dumps({"version": predictor.version, "cases": rows, "mean": means,
+                                      "pet_rule_single_fraction": rule}, indent=1) + "\n")
+
+
+def best_single_fraction(rows: list[dict]) -> dict[str, float]:
+    """The PET rule's fraction with the best mean Dice over all ``rows``, and its means by size."""
+    from pipeline.envelope import FRACTIONS
+    from pipeline.evaluation import SMALL_TARGET_CC
+
+    table = np.array([r["pet_rule_dice"] for r in rows])
+    best = int(np.argmax(table.mean(axis=0)))
+    small = np.array([r["igtv_cc"] < SMALL_TARGET_CC for r in rows])
+    column = table[:, best]
+    return {"fraction": FRACTIONS[best], "dice": float(column.mean()),
+            "dice_small": float(column[small].mean()) if small.any() else float("nan"),
+            "dice_large": float(column[~small].mean()) if (~small).any() else float("nan")}
 
 
 if __name__ == "__main__":

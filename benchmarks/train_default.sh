@@ -53,7 +53,9 @@ for stage in $STAGES; do
         [[ -d $DATA/more_igtv ]] || $IGTV synth "$DATA/more_igtv" --seed 2096 --cases 160 --motion breathing --workers "$WORKERS"
         ;;
     valdata)
+        # held-out studies: the first 16 (seeds 9000-9015) and, since session 8, 48 more (9016-9063)
         [[ -d $DATA/val_igtv ]] || $IGTV synth "$DATA/val_igtv" --seed 9000 --cases 16 --motion breathing --workers "$WORKERS"
+        [[ -d $DATA/val2_igtv ]] || $IGTV synth "$DATA/val2_igtv" --seed 9016 --cases 48 --motion breathing --workers "$WORKERS"
         ;;
     seldata)
         # selection studies: choose among candidate models and calibrate the threshold (never trained on)
@@ -111,6 +113,8 @@ for stage in $STAGES; do
     eval)
         $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
             --out "$RUNS/eval_igtv_sim_mamba.json"
+        $IGTV evaluate "$DATA/val2_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
+            --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
         echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 ship calibrate eval)" >&2
