@@ -4,7 +4,8 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 refine5 ship calibrate eval
+#   refine3 refine4 refine5 ship calibrate eval; also, not in the default: extradata refine7
+#   (session 8's candidate on 448 studies)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -35,13 +36,21 @@ limited() {  # run a training command, stopping it after LIMIT_S (resumable)
     fi
 }
 
-on_256() {  # fine-tune on the 256 IGTV studies, split by seed 17: on_256 INIT OUT EPOCHS LR [OPTION ...]
+fine_tune() {  # fine-tune on the folders in SETS, split by seed 17: fine_tune INIT OUT EPOCHS LR [OPTION ...]
     local init=$1 out=$2 epochs=$3 lr=$4
     shift 4
-    limited $IGTV train "$DATA/refine_igtv" "$DATA/more_igtv" --roi IGTV --init "$RUNS/$init.safetensors" \
+    limited $IGTV train "${SETS[@]}" --roi IGTV --init "$RUNS/$init.safetensors" \
         --out "$RUNS/$out.safetensors" --epochs "$epochs" --samples-per-epoch 6400 --batch-size 32 \
         --patch 96 --seed 17 --val-fraction 0.1 --lr "$lr" --dice-loss batch "$@" \
         --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+}
+on_256() {  # the 256 IGTV studies of refine_igtv and more_igtv
+    SETS=("$DATA/refine_igtv" "$DATA/more_igtv")
+    fine_tune "$@"
+}
+on_448() {  # those and the 192 of extra_igtv (session 8)
+    SETS=("$DATA/refine_igtv" "$DATA/more_igtv" "$DATA/extra_igtv")
+    fine_tune "$@"
 }
 
 for stage in $STAGES; do
@@ -51,6 +60,11 @@ for stage in $STAGES; do
         [[ -d $DATA/finetune_igtv ]] || $IGTV synth "$DATA/finetune_igtv" --seed 2000 --cases 32 --motion breathing --workers "$WORKERS"
         [[ -d $DATA/refine_igtv ]] || $IGTV synth "$DATA/refine_igtv" --seed 2000 --cases 96 --motion breathing --workers "$WORKERS"
         [[ -d $DATA/more_igtv ]] || $IGTV synth "$DATA/more_igtv" --seed 2096 --cases 160 --motion breathing --workers "$WORKERS"
+        ;;
+    extradata)
+        # 192 more IGTV studies (session 8), stored JPEG 2000 lossless: 34 MB a study instead of 75
+        [[ -d $DATA/extra_igtv ]] || $IGTV synth "$DATA/extra_igtv" --seed 2352 --cases 192 --motion breathing \
+            --compress jpeg2000 --workers "$WORKERS"
         ;;
     valdata)
         # held-out studies: the first 16 (seeds 9000-9015) and, since session 8, 48 more (9016-9063)
@@ -99,6 +113,10 @@ for stage in $STAGES; do
         # along the breathing axis), 4 epochs
         on_256 refine4_igtv refine5_igtv 4 2e-4 --misregister-px 0 --slice-step 2
         ;;
+    refine7)
+        # refine5's recipe on 448 studies (the 256 and extra_igtv's 192), 5 epochs
+        on_448 refine5_igtv refine7_igtv 5 2e-4 --misregister-px 0 --slice-step 2
+        ;;
     ship)
         # the shipped checkpoint: the refine5 network (chosen on the selection studies over refine4,
         # shipped before, refine5 continued at half the learning rate, and earlier candidates)
@@ -117,7 +135,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 ship calibrate eval)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 ship calibrate eval extradata refine7)" >&2
         exit 2
         ;;
     esac
