@@ -62,7 +62,7 @@ for stage in $STAGES; do
         [[ -d $DATA/more_igtv ]] || $IGTV synth "$DATA/more_igtv" --seed 2096 --cases 160 --motion breathing --workers "$WORKERS"
         ;;
     extradata)
-        # 192 more IGTV studies (session 8), stored JPEG 2000 lossless: 34 MB a study instead of 75
+        # 192 more IGTV studies (session 8), stored JPEG 2000 lossless: about 27 MB a study instead of 75
         [[ -d $DATA/extra_igtv ]] || $IGTV synth "$DATA/extra_igtv" --seed 2352 --cases 192 --motion breathing \
             --compress jpeg2000 --workers "$WORKERS"
         ;;
