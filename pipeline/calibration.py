@@ -44,6 +44,9 @@ class Calibration:
         StudyInstanceUIDs of the cases, in row order.
     delineation_threshold:
         The post-processing's outline threshold the candidates were scored with.
+    postprocessing:
+        The rest of the post-processing the candidates were scored with (kept lesions,
+        their order, smallest component, test-time flips).
     """
 
     thresholds: list[float]
@@ -51,6 +54,7 @@ class Calibration:
     truth_cc: np.ndarray
     studies: list[str] = field(default_factory=list)
     delineation_threshold: float | None = None
+    postprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:
@@ -86,6 +90,7 @@ class Calibration:
             "study_digest": digest,
             "candidates": {f"{t:g}": round(float(m), 4) for t, m in zip(self.thresholds, self.mean, strict=True)},
             "delineation_threshold": self.delineation_threshold,
+            "postprocessing": dict(self.postprocessing),
         }
 
 
@@ -140,4 +145,14 @@ def calibrate(
             print(f"{case.study_uid}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(thresholds, row, strict=True)),
                   flush=True)
     return Calibration(thresholds, np.asarray(rows, dtype=float), np.asarray(volumes), studies,
-                       settings.delineation_threshold)
+                       settings.delineation_threshold, postprocessing_of(settings))
+
+
+def postprocessing_of(settings: ProcessSettings) -> dict[str, Any]:
+    """The post-processing settings, other than the thresholds, a calibration depends on."""
+    return {
+        "keep_components": settings.keep_components,
+        "lesion_order": settings.lesion_order,
+        "min_component_cc": settings.min_component_cc,
+        "test_time_flips": settings.test_time_flips,
+    }

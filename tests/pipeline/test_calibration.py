@@ -35,6 +35,8 @@ def test_calibration_scores_agree_with_evaluate(small_study):
     cal = calibrate([small_study], candidates=[0.97, 0.5, 0.3], echo=False)
     assert cal.thresholds == [0.3, 0.5, 0.97] and cal.dice.shape == (1, 3)
     assert cal.record()["delineation_threshold"] == 0.5  # the node's default outline, recorded with the choice
+    assert cal.record()["postprocessing"] == {"keep_components": 1, "lesion_order": "volume",
+                                              "min_component_cc": 0.1, "test_time_flips": "none"}
     for j, threshold in enumerate(cal.thresholds):
         evaluated = run_evaluation([small_study], baselines=False, threshold=threshold, echo=False)
         assert cal.dice[0, j] == pytest.approx(evaluated["cases"][0]["SIM-Mamba"]["dice"])

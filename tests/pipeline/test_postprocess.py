@@ -125,8 +125,10 @@ def test_postprocess_with_applies_each_setting():
     prob[2:12, 5:25, 5:25] = 0.6  # 8 cc, uncertain
     prob[14:18, 40:50, 40:50] = 0.95  # 0.8 cc, confident
     prob[5:7, 40:45, 5:10] = 0.8  # 0.1 cc
-    default = postprocess_with(prob, SPACING, ProcessSettings(), 0.5)  # keep 1, by confidence
-    assert default.max() == 1 and default[16, 45, 45] == 1
+    default = postprocess_with(prob, SPACING, ProcessSettings(), 0.5)  # keep 1, the largest
+    assert default.max() == 1 and default[5, 15, 15] == 1 and default[16, 45, 45] == 0
+    surest = postprocess_with(prob, SPACING, ProcessSettings(lesion_order="confidence"), 0.5)
+    assert surest.max() == 1 and surest[16, 45, 45] == 1 and surest[5, 15, 15] == 0
     wide = ProcessSettings(keep_components=3, lesion_order="volume", min_component_cc=0.5)
     assert np.array_equal(postprocess_with(prob, SPACING, wide, 0.5),
                           postprocess(prob, SPACING, threshold=0.5, min_component_cc=0.5, keep=3, order_by="volume"))
@@ -158,5 +160,5 @@ def test_delineation_threshold_outlines_the_lesion_the_threshold_found():
     settings = ProcessSettings(keep_components=2)
     assert settings.delineation_threshold == 0.5
     assert np.array_equal(postprocess_with(prob, SPACING, settings, 0.3),
-                          postprocess(prob, SPACING, threshold=0.3, keep=2, order_by="confidence",
+                          postprocess(prob, SPACING, threshold=0.3, keep=2, order_by="volume",
                                       delineation_threshold=0.5))
