@@ -70,8 +70,9 @@ def envelope_evidence(truth: np.ndarray, gtv: np.ndarray, suv: np.ndarray,
     if not truth.any():
         raise ValueError("the IGTV is empty: nothing to measure")
     envelope = truth & ~gtv
-    marked = _marked(truth, envelope, suv, spacing_zyx)
-    dices = pet_rule_dice(truth, gtv, suv, spacing_zyx)
+    lesions = _measured_lesions(truth, suv, spacing_zyx)
+    marked = _marked(envelope, lesions)
+    dices = _rule_dice(truth, gtv, lesions)
     best = int(np.argmax(dices))
     return EnvelopeEvidence(
         envelope_share=float(envelope.sum()) / float(truth.sum()),
@@ -92,34 +93,55 @@ def pet_rule_dice(truth: np.ndarray, gtv: np.ndarray, suv: np.ndarray,
     connected region of ``SUV >= background + f * (peak - background)`` that touches it.
     """
     truth, gtv = np.asarray(truth, dtype=bool), np.asarray(gtv, dtype=bool)
+    return _rule_dice(truth, gtv, _measured_lesions(truth, suv, spacing_zyx))
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    """One IGTV lesion in its box, with the SUV there and the lung background around it."""
+
+    box: tuple[slice, ...]
+    mask: np.ndarray
+    values: np.ndarray
+    background: float
+    background_sd: float
+
+
+def _measured_lesions(truth: np.ndarray, suv: np.ndarray, spacing_zyx: Sequence[float]) -> list[_Lesion]:
+    """Every IGTV lesion with its background measured once (shared by both measurements)."""
     spacing = np.asarray(spacing_zyx, dtype=float)
-    pred = np.zeros((len(FRACTIONS),) + truth.shape, dtype=bool)
-    for box, lesion in _lesions(truth, spacing):
-        seed = gtv[box] & lesion
+    lesions = []
+    for box, mask in _lesions(truth, spacing):
         values = np.asarray(suv[box], dtype=np.float32)
-        background, _ = _background(lesion, values, spacing)
-        peak = float(values[seed].max() if seed.any() else values[lesion].max())
+        mean, sd = _background(mask, values, spacing)
+        lesions.append(_Lesion(box, mask, values, mean, sd))
+    return lesions
+
+
+def _rule_dice(truth: np.ndarray, gtv: np.ndarray, lesions: Sequence[_Lesion]) -> np.ndarray:
+    """:func:`pet_rule_dice` on lesions already measured."""
+    pred = np.zeros((len(FRACTIONS),) + truth.shape, dtype=bool)
+    for lesion in lesions:
+        seed = gtv[lesion.box] & lesion.mask
+        values, background = lesion.values, lesion.background
+        peak = float(values[seed].max() if seed.any() else values[lesion.mask].max())
         if not seed.any():
-            seed = lesion & (values >= peak)
+            seed = lesion.mask & (values >= peak)
         for i, f in enumerate(FRACTIONS):
             hot, _ = ndimage.label(values >= background + f * (peak - background), structure=_FULL)
             touched = np.unique(hot[seed])
             grown = np.isin(hot, touched[touched > 0]) | seed
-            pred[i][box] |= grown
+            pred[i][lesion.box] |= grown
     total = truth.sum()
     return np.array([2.0 * (p & truth).sum() / (p.sum() + total) for p in pred])
 
 
-def _marked(truth: np.ndarray, envelope: np.ndarray, suv: np.ndarray, spacing_zyx: Sequence[float]) -> float:
+def _marked(envelope: np.ndarray, lesions: Sequence[_Lesion]) -> float:
     """Share of envelope voxels at least 2 SD above their lesion's surrounding lung."""
     if not envelope.any():
         return 1.0
-    spacing = np.asarray(spacing_zyx, dtype=float)
-    hits = 0
-    for box, lesion in _lesions(truth, spacing):
-        values = np.asarray(suv[box], dtype=np.float32)
-        mean, sd = _background(lesion, values, spacing)
-        hits += int((values[lesion & envelope[box]] >= mean + 2.0 * sd).sum())
+    hits = sum(int((lesion.values[lesion.mask & envelope[lesion.box]]
+                    >= lesion.background + 2.0 * lesion.background_sd).sum()) for lesion in lesions)
     return hits / float(envelope.sum())
 
 

@@ -72,6 +72,24 @@ def test_the_oracle_is_the_best_rule_and_fractions_shape_the_region():
     assert len(set(np.round(dices, 4))) > 3  # the fraction matters
 
 
+def test_each_lesion_is_measured_against_its_own_background():
+    bright = _moving_tumour(amplitude_mm=16.0, uptake=8.0, noise_sd=0.05)
+    dark = _moving_tumour(amplitude_mm=16.0, uptake=0.0, noise_sd=0.05, seed=1)
+    # the dark tumour moved 20 mm along x: two lesions, one marked by the PET and one not
+    shift = lambda a: np.roll(a, 20, axis=2)  # noqa: E731
+    keep_left = np.zeros(SHAPE, dtype=bool)
+    keep_left[:, :, :40] = True
+    truth = (bright[0] & keep_left) | shift(dark[0])
+    gtv = (bright[1] & keep_left) | shift(dark[1])
+    suv = np.where(keep_left, bright[2], shift(dark[2])).astype(np.float32)
+    assert ndimage.label(truth)[1] == 2
+    ev = envelope_evidence(truth, gtv, suv, SPACING)
+    alone = envelope_evidence(bright[0], bright[1], bright[2], SPACING)
+    assert 0.35 < ev.envelope_marked < 0.6  # about half: the bright lesion's envelope only
+    assert ev.envelope_marked < alone.envelope_marked - 0.3
+    assert ev.rule_dice == pytest.approx(tuple(pet_rule_dice(truth, gtv, suv, SPACING)))
+
+
 def test_bad_inputs_are_refused():
     truth, gtv, suv = _moving_tumour(amplitude_mm=8.0, uptake=4.0)
     with pytest.raises(ValueError, match="one grid"):
