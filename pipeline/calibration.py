@@ -145,14 +145,4 @@ def calibrate(
             print(f"{case.study_uid}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(thresholds, row, strict=True)),
                   flush=True)
     return Calibration(thresholds, np.asarray(rows, dtype=float), np.asarray(volumes), studies,
-                       settings.delineation_threshold, postprocessing_of(settings))
-
-
-def postprocessing_of(settings: ProcessSettings) -> dict[str, Any]:
-    """The post-processing settings, other than the thresholds, a calibration depends on."""
-    return {
-        "keep_components": settings.keep_components,
-        "lesion_order": settings.lesion_order,
-        "min_component_cc": settings.min_component_cc,
-        "test_time_flips": settings.test_time_flips,
-    }
+                       settings.delineation_threshold, settings.calibration_record())

@@ -146,6 +146,9 @@ def process_study(
     spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
     threshold = settings.threshold_for(predictor.threshold)
+    differences = settings.differences_from_calibration(getattr(predictor, "metadata", {}).get("operating_point", {}))
+    if differences:
+        warn_calibration_differs(predictor.version, differences)
     with timer.stage("postprocess"):
         labels = postprocess.postprocess_with(prob_ct, spacing_zyx, settings, threshold, suv=suv_ct)
         components = postprocess.component_report(
@@ -194,6 +197,7 @@ def process_study(
                 "keep_components": settings.keep_components,
                 "lesion_order": settings.lesion_order,
                 "test_time_flips": settings.test_time_flips,
+                "differs_from_calibration": differences,
             },
             "skipped": [{"series": s, "reason": r} for s, r in result.skipped],
         },
@@ -216,6 +220,22 @@ def load_predictor(checkpoint: Path | None, device: str) -> object:
     from model.predict import Predictor
 
     return Predictor.load(checkpoint, device=device)
+
+
+def warn_calibration_differs(version: str, differences: dict[str, dict[str, object]]) -> None:
+    """Warn (once per model and difference) that the calibrated threshold was chosen under other settings."""
+    key = (version, repr(sorted(differences.items())))
+    if key in _WARNED_CALIBRATION:
+        return
+    _WARNED_CALIBRATION.add(key)
+    changed = ", ".join(f"{name} {d['configured']!r} (calibrated with {d['calibrated']!r})"
+                        for name, d in differences.items())
+    log.warning("model %s: its threshold was calibrated under other post-processing than configured: %s; "
+                "re-run `igtv-node calibrate --config node.toml` on labelled studies or set "
+                "processing.threshold", version, changed)
+
+
+_WARNED_CALIBRATION: set[tuple[str, str]] = set()
 
 
 def threshold_source(settings: ProcessSettings, predictor: object) -> str:

@@ -66,6 +66,39 @@ class ProcessSettings:
     institution_name: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
+    def calibration_record(self) -> dict[str, object]:
+        """The post-processing settings, other than the thresholds, a calibrated threshold depends on."""
+        return {
+            "keep_components": self.keep_components,
+            "lesion_order": self.lesion_order,
+            "min_component_cc": self.min_component_cc,
+            "test_time_flips": self.test_time_flips,
+        }
+
+    def differences_from_calibration(self, operating_point: dict[str, object]) -> dict[str, dict[str, object]]:
+        """Settings that differ from those a checkpoint's threshold was calibrated under.
+
+        Parameters
+        ----------
+        operating_point:
+            The checkpoint's "operating_point" metadata (``igtv-node calibrate``).
+
+        Returns
+        -------
+        dict
+            ``{name: {"calibrated": value, "configured": value}}``; empty when the threshold is
+            configured here rather than taken from the checkpoint, or the calibration recorded
+            no post-processing (checkpoints calibrated before session 9).
+        """
+        recorded = dict(operating_point.get("postprocessing") or {})
+        if self.threshold is not None or not recorded:
+            return {}
+        if "delineation_threshold" in operating_point:
+            recorded["delineation_threshold"] = operating_point["delineation_threshold"]
+        configured = {**self.calibration_record(), "delineation_threshold": self.delineation_threshold}
+        return {name: {"calibrated": value, "configured": configured[name]}
+                for name, value in sorted(recorded.items()) if name in configured and configured[name] != value}
+
     def threshold_for(self, calibrated: float) -> float:
         """The threshold to apply: the configured one, else the checkpoint's ``calibrated`` one."""
         return calibrated if self.threshold is None else float(self.threshold)

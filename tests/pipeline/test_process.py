@@ -107,6 +107,25 @@ def test_threshold_is_the_checkpoints_unless_the_settings_override_it(oracle_run
     forced = process_study(files, tmp_path / "forced", ProcessSettings(threshold=0.5), predictor=unsure).report
     assert forced["target_found"]
     assert forced["postprocessing"]["threshold"] == 0.5 and forced["postprocessing"]["threshold_from"] == "settings"
+    assert own["postprocessing"]["differs_from_calibration"] == {}  # calibrated before the record existed
+
+
+def test_a_threshold_calibrated_under_other_post_processing_is_reported(oracle_run, small_study, tmp_path, caplog):
+    oracle, _, _ = oracle_run
+    calibrated = OraclePredictor.__new__(OraclePredictor)
+    record = {**ProcessSettings().calibration_record(), "lesion_order": "confidence"}
+    calibrated.__dict__.update(oracle.__dict__, threshold=0.5, version="oracle-calibrated",
+                               metadata={"operating_point": {"threshold": 0.5, "postprocessing": record}})
+    files = sorted(small_study.rglob("*.dcm"))
+    with caplog.at_level("WARNING", logger="pipeline.process"):
+        first = process_study(files, tmp_path / "a", ProcessSettings(), predictor=calibrated).report
+        process_study(files, tmp_path / "b", ProcessSettings(), predictor=calibrated)
+    assert first["postprocessing"]["differs_from_calibration"] == {
+        "lesion_order": {"calibrated": "confidence", "configured": "volume"}}
+    warnings = [r.getMessage() for r in caplog.records if "calibrated under other post-processing" in r.getMessage()]
+    assert len(warnings) == 1 and "lesion_order 'volume' (calibrated with 'confidence')" in warnings[0]
+    same = process_study(files, tmp_path / "c", ProcessSettings(lesion_order="confidence"), predictor=calibrated)
+    assert same.report["postprocessing"]["differs_from_calibration"] == {}
 
 
 def test_ct_only_study_is_refused_with_a_clear_reason(small_study, tmp_path):
