@@ -257,10 +257,26 @@ def shipped_checkpoint_info() -> str:
     path = shipped_checkpoint_path()
     if not path.is_file():
         return f"no shipped checkpoint at {path}"
-    meta = read_metadata(path)
-    metrics = meta.get("metrics", {})
-    dice = metrics.get("val_dice")
-    extra = f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else ""
-    arch = meta.get("architecture", {})
-    kind = f"SIM-Mamba ensemble of {len(meta['members'])}" if meta.get("members") else "SIM-Mamba"
-    return f"{meta.get('version', '?')} ({kind}, K={arch.get('slices', '?')}{extra})"
+    return checkpoint_summary(read_metadata(path))
+
+
+def checkpoint_summary(meta: dict[str, Any]) -> str:
+    """One line describing a checkpoint from its metadata: version, kind, K, and its calibration."""
+    dice = meta.get("metrics", {}).get("val_dice")
+    parts = [f"SIM-Mamba ensemble of {len(meta['members'])}" if meta.get("members") else "SIM-Mamba",
+             f"K={meta.get('architecture', {}).get('slices', '?')}"]
+    if isinstance(dice, (int, float)):
+        parts.append(f"training validation Dice {dice:.3f}")
+    point = meta.get("operating_point")
+    if point:
+        score = point.get("candidates", {}).get(f"{point['threshold']:g}")
+        calibrated = f"threshold {point['threshold']:g} calibrated on {point.get('studies', '?')} studies"
+        if isinstance(score, (int, float)):
+            calibrated += f" (mean Dice {score:.3f})"
+        order = (point.get("postprocessing") or {}).get("lesion_order")
+        if order:
+            calibrated += f" with lesion_order {order!r}"
+        parts.append(calibrated)
+    else:
+        parts.append("not calibrated")
+    return f"{meta.get('version', '?')} ({', '.join(parts)})"

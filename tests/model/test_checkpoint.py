@@ -147,6 +147,19 @@ def test_missing_or_mismatched_files(tmp_path):
 def test_shipped_info_is_a_line():
     info = shipped_checkpoint_info()
     assert isinstance(info, str) and "\n" not in info
+    assert "threshold" in info and "calibrated on" in info  # the shipped model is calibrated
+
+
+def test_summary_names_the_calibration():
+    from model.checkpoint import checkpoint_summary
+
+    meta = {"version": "v1-t0.3", "architecture": {"slices": 5}, "metrics": {"val_dice": 0.8301},
+            "operating_point": {"threshold": 0.3, "studies": 48, "candidates": {"0.3": 0.8576, "0.5": 0.84},
+                                "postprocessing": {"lesion_order": "volume"}}}
+    assert checkpoint_summary(meta) == ("v1-t0.3 (SIM-Mamba, K=5, training validation Dice 0.830, threshold 0.3 "
+                                        "calibrated on 48 studies (mean Dice 0.858) with lesion_order 'volume')")
+    bare = {"version": "v0", "architecture": {"slices": 3}, "members": [{}, {}]}
+    assert checkpoint_summary(bare) == "v0 (SIM-Mamba ensemble of 2, K=3, not calibrated)"
 
 
 def test_shared_planes_give_the_same_probabilities(tmp_path):
