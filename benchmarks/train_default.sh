@@ -4,8 +4,8 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 refine5 refine6 ship calibrate eval; also, not in the default: extradata
-#   refine7 (session 8's candidate on 448 studies)
+#   refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval; also, not in the
+#   default: refine7 (session 8's candidate on 448 studies)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -19,7 +19,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 ship calibrate eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval}
 IGTV=${IGTV:-igtv-node}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
@@ -121,12 +121,16 @@ for stage in $STAGES; do
         # refine5's recipe on 448 studies (the 256 and extra_igtv's 192), 5 epochs
         on_448 refine5_igtv refine7_igtv 5 2e-4 --misregister-px 0 --slice-step 2
         ;;
+    refine8)
+        # refine6 on the 448 studies, 3 epochs at lr 1e-4 (session 9)
+        on_448 refine6_igtv refine8_igtv 3 1e-4 --misregister-px 0 --slice-step 2
+        ;;
     ship)
-        # the shipped checkpoint: the refine6 network (chosen on the selection studies, with the
-        # node's default post-processing, over refine5, shipped before, refine4, refine7 and
-        # earlier candidates)
-        cp "$RUNS/refine6_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
-        cp "$RUNS/refine6_igtv.json" "$RUNS/igtv_sim_mamba.json"
+        # the shipped checkpoint: the refine8 network (chosen on the selection studies, with the
+        # node's default post-processing, over refine6, refine5, refine4, refine7 and earlier
+        # candidates)
+        cp "$RUNS/refine8_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
+        cp "$RUNS/refine8_igtv.json" "$RUNS/igtv_sim_mamba.json"
         ;;
     calibrate)
         # the probability threshold with the best mean Dice on the selection studies, stored in the checkpoint
@@ -140,7 +144,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 ship calibrate eval extradata refine7)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7)" >&2
         exit 2
         ;;
     esac
