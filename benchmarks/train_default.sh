@@ -125,6 +125,16 @@ for stage in $STAGES; do
         # refine6 on the 448 studies, 3 epochs at lr 1e-4 (session 9)
         on_448 refine6_igtv refine8_igtv 3 1e-4 --misregister-px 0 --slice-step 2
         ;;
+    grow)
+        # refine8's network with a wider decoder (64-48-32 channels at 1/8-1/4-1/2) and refinement
+        # head (24): the new channels start with zero outgoing weights, so the output is refine8's
+        $IGTV grow "$RUNS/refine8_igtv.safetensors" --decoder-widths 64,48,32 --refine-width 24 \
+            --out "$RUNS/grown8.safetensors"
+        ;;
+    refine9)
+        # the grown network on the 448 studies, 4 epochs at lr 2e-4 (session 10)
+        on_448 grown8 refine9_igtv 4 2e-4 --misregister-px 0 --slice-step 2
+        ;;
     ship)
         # the shipped checkpoint: the refine8 network (chosen on the selection studies, with the
         # node's default post-processing, over refine6, refine5, refine4, refine7 and earlier
@@ -144,7 +154,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7 grow refine9)" >&2
         exit 2
         ;;
     esac

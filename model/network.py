@@ -56,6 +56,10 @@ class NetConfig:
         Scan directions over 2D maps: 2 (row, row reversed) or 4 (+ columns).
     refine_width:
         Channels of the full-resolution refinement head.
+    decoder_widths:
+        Output channels of the decoder's blocks at 1/8, 1/4 and 1/2 resolution; None
+        uses the encoder's (``widths`` 1/8, 1/4, 1/2). Wider decoders can be grown from a trained
+        network without changing its output (:func:`model.grow.grow_decoder`).
     """
 
     slices: int = 5
@@ -68,6 +72,7 @@ class NetConfig:
     directions: int = 4
     refine_width: int = 8
     sim_reduction: int = 4
+    decoder_widths: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.slices < 1 or self.slices % 2 == 0:
@@ -76,12 +81,25 @@ class NetConfig:
             raise ValueError("widths and depths need four entries (1/2, 1/4, 1/8, 1/16)")
         if self.directions not in (2, 4):
             raise ValueError("directions must be 2 or 4")
+        if self.decoder_widths is not None and (len(self.decoder_widths) != 3 or min(self.decoder_widths) < 1):
+            raise ValueError(f"decoder_widths needs three positive entries (1/8, 1/4, 1/2), got {self.decoder_widths}")
+
+    @property
+    def decoder(self) -> tuple[int, int, int]:
+        """Decoder output channels at 1/8, 1/4 and 1/2 resolution."""
+        if self.decoder_widths is not None:
+            return self.decoder_widths
+        return self.widths[2], self.widths[1], self.widths[0]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         d = asdict(self)
         d["widths"] = list(self.widths)
         d["depths"] = list(self.depths)
+        if self.decoder_widths is None:
+            del d["decoder_widths"]  # the default: older readers of the metadata see no new key
+        else:
+            d["decoder_widths"] = list(self.decoder_widths)
         return d
 
     @classmethod
@@ -92,8 +110,8 @@ class NetConfig:
         if unknown:
             raise ValueError(f"unknown network config keys: {sorted(unknown)}")
         kw = dict(data)
-        for key in ("widths", "depths"):
-            if key in kw:
+        for key in ("widths", "depths", "decoder_widths"):
+            if kw.get(key) is not None:
                 kw[key] = tuple(int(v) for v in kw[key])
         return cls(**kw)
 
@@ -273,10 +291,11 @@ class SimMamba(nn.Module):
             self.slices1 = make(w[1])
         self.cross2 = CrossModalMamba(w[2], cfg)
         self.cross3 = CrossModalMamba(w[3], cfg)
-        self.up2 = UpBlock(w[3], w[2], w[2])
-        self.up1 = UpBlock(w[2], w[1], w[1])
-        self.up0 = UpBlock(w[1], w[0], w[0])
-        self.refine = nn.Sequential(_conv_bn(w[0] + 2, cfg.refine_width), nn.Conv2d(cfg.refine_width, 1, 1))
+        d = cfg.decoder
+        self.up2 = UpBlock(w[3], w[2], d[0])
+        self.up1 = UpBlock(d[0], w[1], d[1])
+        self.up0 = UpBlock(d[1], w[0], d[2])
+        self.refine = nn.Sequential(_conv_bn(d[2] + 2, cfg.refine_width), nn.Conv2d(cfg.refine_width, 1, 1))
 
     def _encoders(self) -> tuple[ModalityEncoder, ModalityEncoder]:
         if self.cfg.shared_encoders:

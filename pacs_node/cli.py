@@ -278,6 +278,32 @@ def ensemble(
 
 
 @app.command()
+def grow(
+    checkpoint: Path = typer.Argument(..., help="Trained single-network checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Grown checkpoint to write (.safetensors; metadata JSON beside it)."),
+    decoder_widths: str = typer.Option(..., help="Decoder channels at 1/8, 1/4 and 1/2 resolution, e.g. 64,48,32; "
+                                                  "each at least the current one."),
+    refine_width: int = typer.Option(..., help="Channels of the full-resolution refinement head."),
+    seed: int = typer.Option(0, help="Seed of the new channels' random incoming weights."),
+) -> None:
+    """Widen a trained network's decoder without changing its output, for further training (--init)."""
+    from model.grow import grow_checkpoint
+    from pipeline.errors import IgtvError
+
+    try:
+        widths = tuple(int(v) for v in decoder_widths.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3:
+        _fail(IgtvError(f"--decoder-widths needs three comma-separated integers (1/8, 1/4, 1/2), got {decoder_widths!r}"))
+    try:
+        path = grow_checkpoint(checkpoint, out, widths, refine_width, seed)  # type: ignore[arg-type]
+    except IgtvError as exc:
+        _fail(exc)
+    typer.echo(f"grown network written to {path}; train it with --init, then calibrate it")
+
+
+@app.command()
 def evaluate(
     data: list[Path] = typer.Argument(..., help="Folders of labelled DICOM studies."),
     checkpoint: Path | None = typer.Option(None, help="Checkpoint; default the shipped model."),

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("serve", "replay", "synth", "train", "evaluate", "ensemble", "echo", "version", "demo"):
+    for command in ("serve", "replay", "synth", "train", "evaluate", "ensemble", "grow", "echo", "version", "demo"):
         assert command in out.output
 
 
@@ -74,6 +74,28 @@ def test_ensemble_command_combines_checkpoints_and_explains_refusals(tmp_path):
     assert len(json.loads((tmp_path / "ens.json").read_text())["members"]) == 2
     out = runner.invoke(app, ["ensemble", str(paths[0]), "--out", str(tmp_path / "one.safetensors")])
     assert out.exit_code != 0 and "at least two" in out.output
+
+
+def test_grow_command_widens_the_decoder_and_explains_refusals(tmp_path):
+    import json
+
+    from model.checkpoint import save_checkpoint
+    from model.network import NetConfig, build_network
+    from model.preprocessing import Preprocessing
+
+    src = save_checkpoint(tmp_path / "m.safetensors", build_network(NetConfig(slices=3, widths=(4, 8, 8, 8))),
+                          {"preprocessing": Preprocessing(slices=3).to_dict()})
+    out = runner.invoke(app, ["grow", str(src), "--decoder-widths", "16,16,8", "--refine-width", "12",
+                              "--out", str(tmp_path / "g.safetensors")])
+    assert out.exit_code == 0, out.output
+    arch = json.loads((tmp_path / "g.json").read_text())["architecture"]
+    assert arch["decoder_widths"] == [16, 16, 8] and arch["refine_width"] == 12
+    out = runner.invoke(app, ["grow", str(src), "--decoder-widths", "16,16", "--refine-width", "12",
+                              "--out", str(tmp_path / "h.safetensors")])
+    assert out.exit_code == 2 and "three comma-separated" in out.output
+    out = runner.invoke(app, ["grow", str(src), "--decoder-widths", "2,2,2", "--refine-width", "12",
+                              "--out", str(tmp_path / "h.safetensors")])
+    assert out.exit_code == 2 and "at least the current" in out.output and "Traceback" not in out.output
 
 
 @pytest.mark.slow
