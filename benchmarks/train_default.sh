@@ -78,12 +78,12 @@ for stage in $STAGES; do
     pretrain)
         limited $IGTV train "$DATA/pretrain_gtv" --roi GTV --out "$RUNS/pretrain_gtv.safetensors" \
             --epochs 24 --samples-per-epoch 6400 --batch-size 32 --patch 96 --seed 11 --val-fraction 0.1 \
-            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume --select-by raw
         ;;
     finetune)
         limited $IGTV train "$DATA/finetune_igtv" --roi IGTV --init "$RUNS/pretrain_gtv.safetensors" \
             --out "$RUNS/finetune_igtv.safetensors" --epochs 16 --samples-per-epoch 6400 --batch-size 32 \
-            --patch 96 --seed 12 --val-fraction 0.15 --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --patch 96 --seed 12 --val-fraction 0.15 --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume --select-by raw
         ;;
     refine)
         # more IGTV studies (the first 32 are finetune_igtv's seeds), a lower learning rate, and
@@ -91,39 +91,39 @@ for stage in $STAGES; do
         limited $IGTV train "$DATA/refine_igtv" --roi IGTV --init "$RUNS/finetune_igtv.safetensors" \
             --out "$RUNS/refine_igtv.safetensors" --epochs 8 --samples-per-epoch 6400 --batch-size 32 \
             --patch 96 --seed 13 --val-fraction 0.1 --lr 2e-4 --dice-loss batch --mine-every 2 \
-            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume
+            --cache "$CACHE" --device "$DEVICE" --workers "$WORKERS" --resume --select-by raw
         ;;
     refine2)
         # 256 IGTV studies (refine_igtv + 160 more), from the refined model, hard negatives re-mined every
         # 3 epochs. The shipped run was stopped after epoch 6 of 8 for time (best: epoch 4)
-        on_256 refine_igtv refine2_igtv 8 2e-4 --mine-every 3
+        on_256 refine_igtv refine2_igtv 8 2e-4 --mine-every 3 --select-by raw
         ;;
     refine3)
         # the same 256 studies and split, from refine2, without the PET/CT misregistration
         # augmentation (the synthetic PET and CT share one geometry; the shift likely taught the
         # network to discount PET beyond the CT tumour, which is where the breathing envelope lies)
-        on_256 refine2_igtv refine3_igtv 3 2e-4 --misregister-px 0
+        on_256 refine2_igtv refine3_igtv 3 2e-4 --misregister-px 0 --select-by raw
         ;;
     refine4)
         # 3 more epochs of refine3's recipe at half the learning rate
-        on_256 refine3_igtv refine4_igtv 3 1e-4 --misregister-px 0
+        on_256 refine3_igtv refine4_igtv 3 1e-4 --misregister-px 0 --select-by raw
         ;;
     refine5)
         # refine4 with stacks of K=5 slices two CT slices apart (same weights, twice the reach
         # along the breathing axis), 4 epochs
-        on_256 refine4_igtv refine5_igtv 4 2e-4 --misregister-px 0 --slice-step 2
+        on_256 refine4_igtv refine5_igtv 4 2e-4 --misregister-px 0 --slice-step 2 --select-by raw
         ;;
     refine6)
         # 3 more epochs of refine5's recipe at half the learning rate
-        on_256 refine5_igtv refine6_igtv 3 1e-4 --misregister-px 0 --slice-step 2
+        on_256 refine5_igtv refine6_igtv 3 1e-4 --misregister-px 0 --slice-step 2 --select-by raw
         ;;
     refine7)
         # refine5's recipe on 448 studies (the 256 and extra_igtv's 192), 5 epochs
-        on_448 refine5_igtv refine7_igtv 5 2e-4 --misregister-px 0 --slice-step 2
+        on_448 refine5_igtv refine7_igtv 5 2e-4 --misregister-px 0 --slice-step 2 --select-by raw
         ;;
     refine8)
         # refine6 on the 448 studies, 3 epochs at lr 1e-4 (session 9)
-        on_448 refine6_igtv refine8_igtv 3 1e-4 --misregister-px 0 --slice-step 2
+        on_448 refine6_igtv refine8_igtv 3 1e-4 --misregister-px 0 --slice-step 2 --select-by raw
         ;;
     grow)
         # refine8's network with a wider decoder (64-48-32 channels at 1/8-1/4-1/2) and refinement
@@ -133,7 +133,13 @@ for stage in $STAGES; do
         ;;
     refine9)
         # the grown network on the 448 studies, 4 epochs at lr 2e-4 (session 10)
-        on_448 grown8 refine9_igtv 4 2e-4 --misregister-px 0 --slice-step 2
+        on_448 grown8 refine9_igtv 4 2e-4 --misregister-px 0 --slice-step 2 --select-by raw
+        ;;
+    refine10)
+        # refine8 on the 448 studies, 5 more epochs at lr 1e-4, the best epoch chosen by the Dice of
+        # the lesion the node delivers (session 10; earlier stages chose by the raw whole-crop Dice,
+        # which picked refine8's first epoch while its third scored higher on the selection studies)
+        on_448 refine8_igtv refine10_igtv 5 1e-4 --misregister-px 0 --slice-step 2 --select-by delivered
         ;;
     ship)
         # the shipped checkpoint: the refine8 network (chosen on the selection studies, with the
@@ -154,7 +160,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7 grow refine9)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7 grow refine9 refine10)" >&2
         exit 2
         ;;
     esac

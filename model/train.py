@@ -7,7 +7,8 @@ the target, some around bright PET spots outside it (nodes, heart: hard
 negatives) or, when mining, around the model's own false positives, some
 anywhere; augments them on the fly; optimises Dice + BCE with AdamW and a cosine
 schedule; validates each epoch (3D Dice over each validation study's whole crop
-on the model grid) and keeps the best epoch. Epoch checkpoints
+on the model grid, and, given a scorer, the Dice of what the node would deliver
+after post-processing) and keeps the best epoch. Epoch checkpoints
 (``<out>.last.safetensors`` + optimiser state) make a run resumable.
 """
 
@@ -318,17 +319,32 @@ def predict_study(model: nn.Module, study: StudySamples, batch_size: int = 16) -
     return predict_planes(model, study.planes, index, batch_size, next(model.parameters()).device)
 
 
-def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig) -> dict[str, float]:
-    """Mean 3D Dice (threshold 0.5) over each validation study's whole crop.
+#: Scores one validation study from its probabilities (N, H, W) on the model grid: a Dice in [0, 1].
+StudyScorer = Callable[[np.ndarray, StudySamples], float]
 
-    Every stack is predicted, so false positives anywhere in the lungs count:
-    this is the model-grid equivalent of the whole-study evaluation.
+
+def validate(model: nn.Module, studies: Sequence[StudySamples], cfg: TrainConfig,
+             scorer: StudyScorer | None = None) -> dict[str, float]:
+    """Mean 3D Dice over each validation study's whole crop.
+
+    "val_dice" thresholds the raw probabilities at 0.5, so false positives anywhere
+    in the lungs count. With ``scorer`` (the pipeline passes the node's
+    post-processing), "val_node_dice" is the mean of its scores: the Dice of what
+    the node would deliver.
     """
     from model.metrics import dice
 
     model.eval()
-    scores = [dice(predict_study(model, s) >= 0.5, s.target()) for s in studies]
-    return {"val_dice": float(np.mean(scores)) if scores else float("nan"), "val_cases": len(scores)}
+    raw, node = [], []
+    for s in studies:
+        prob = predict_study(model, s)
+        raw.append(dice(prob >= 0.5, s.target()))
+        if scorer is not None:
+            node.append(scorer(prob, s))
+    out = {"val_dice": float(np.mean(raw)) if raw else float("nan"), "val_cases": len(raw)}
+    if scorer is not None:
+        out["val_node_dice"] = float(np.mean(node)) if node else float("nan")
+    return out
 
 
 def mine_false_positives(
@@ -493,6 +509,7 @@ def train_model(
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    scorer: StudyScorer | None = None,
 ) -> dict[str, Any]:
     """Train, validate each epoch, and keep the best epoch at ``out``.
 
@@ -513,6 +530,10 @@ def train_model(
         Continue from ``<out>.last.safetensors`` and its optimiser state.
     metadata:
         Extra metadata (training data description) for the checkpoint.
+    scorer:
+        Scores a validation study as the node would deliver it (see :func:`validate`);
+        when given, the best epoch is the one with the highest mean score
+        ("val_node_dice"), else the one with the highest whole-crop Dice ("val_dice").
 
     Returns
     -------
@@ -564,17 +585,20 @@ def train_model(
     steps_per_epoch = max(1, cfg.samples_per_epoch // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    select_by = "val_node_dice" if scorer is not None else "val_dice"
     start_epoch, best, history = 0, -1.0, []
     if resume and _last_path(out).is_file() and _optimizer_path(out).is_file():
         model.load_state_dict(load_file(str(_last_path(out))))
         state = _load_optimizer(opt, _optimizer_path(out))
-        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        start_epoch, history = state["epoch"], state["history"]
+        best = max((m.get(select_by, -1.0) for m in history), default=-1.0)  # by this run's criterion
         log.info("resuming %s at epoch %d (best so far %.4f)", out.name, start_epoch + 1, best)
     base_meta = {
         "preprocessing": prep.to_dict(),
         "architecture": net_cfg.to_dict(),
         "seed": cfg.seed,
         "training": asdict(cfg),
+        "best_epoch_by": select_by,
         "init": (
             {"checkpoint": str(init), "version": init_meta.get("version"), "training_data": init_meta.get("training_data")}
             if init is not None else None
@@ -629,18 +653,21 @@ def train_model(
                 batches.close()
             mean_loss = float(torch.stack(losses).mean())
             metrics = {"epoch": epoch + 1, "loss": mean_loss, "seconds": round(time.perf_counter() - t0, 1)}
-            metrics.update(validate(model, val, cfg) if val else {"val_dice": float("nan")})
+            metrics.update(validate(model, val, cfg, scorer) if val else {"val_dice": float("nan")})
             history.append(metrics)
-            score = metrics["val_dice"] if val else float(epoch)
+            score = metrics[select_by] if val else float(epoch)
             if not val or score > best:
                 best = score
                 save_checkpoint(out, model, {**base_meta, "metrics": {**metrics, "best_epoch": epoch + 1}, "history": history})
             save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(_last_path(out)))
             _save_optimizer(opt, _optimizer_path(out), {"epoch": epoch + 1, "best": best, "history": history})
-            log.info("epoch %d: loss %.4f, val Dice %.4f (%.0f s)", epoch + 1, metrics["loss"], metrics["val_dice"], metrics["seconds"])
+            node_part = f", delivered {metrics['val_node_dice']:.4f}" if "val_node_dice" in metrics else ""
+            log.info("epoch %d: loss %.4f, val Dice %.4f%s (%.0f s)", epoch + 1, metrics["loss"], metrics["val_dice"],
+                     node_part, metrics["seconds"])
             if on_epoch:
                 on_epoch(epoch + 1, metrics)
-    best_entry = max(history, key=lambda m: m["val_dice"]) if val and history else (history[-1] if history else {})
+    best_entry = (max(history, key=lambda m: m.get(select_by, -math.inf)) if val and history
+                  else (history[-1] if history else {}))
     return {"best": best_entry, "history": history}
 
 

@@ -240,6 +240,7 @@ def train(
     envelope_weight: float = typer.Option(1.0, help="BCE weight of target pixels where the CT shows lung (the breathing envelope only the PET marks); 1 = no extra weight."),
     misregister_px: float = typer.Option(2.0, help="Augmentation: shift the PET against the CT by up to this many model pixels (2 mm each) to simulate misregistration; 0 = off."),
     slice_step: int | None = typer.Option(None, help="CT slices between the K slices of a stack (1 = adjacent; 2 sees twice as far along the breathing axis). Default: the --init checkpoint's, else 1. Changing it keeps K, so the weights still fit."),
+    select_by: str = typer.Option("delivered", help="Best epoch by 'delivered' (Dice of the lesion the node delivers after its default post-processing, found at 0.35 and outlined at 0.5) or 'raw' (whole-crop Dice of the probabilities at 0.5, as before session 10)."),
 ) -> None:
     """Train or fine-tune the SIM-Mamba model on labelled studies."""
     from pipeline.errors import IgtvError
@@ -254,6 +255,7 @@ def train(
                 device=device, workers=workers, batch_size=batch_size, patch=patch,
                 samples_per_epoch=samples_per_epoch, lr=lr, threads=threads, dice=dice_loss, mine_every=mine_every,
                 labels=labels, envelope_weight=envelope_weight, misregister_px=misregister_px, slice_step=slice_step,
+                select_by=select_by,
             )
         )
     except IgtvError as exc:

@@ -22,13 +22,21 @@ from typing import Any
 import numpy as np
 
 from model.preprocessing import Preprocessing
-from model.train import DICE_MODES, LABEL_MODES, StudySamples, TrainConfig, train_model
+from model.train import DICE_MODES, LABEL_MODES, StudySamples, StudyScorer, TrainConfig, train_model
 from pipeline.errors import LabelError, PipelineError
 from pipeline.uids import validate_uid
 
 log = logging.getLogger(__name__)
 
 LABEL_MODALITIES = ("SEG", "RTSTRUCT")
+
+#: How the best epoch is chosen: "delivered" (the Dice of the lesion the node would deliver
+#: after its default post-processing) or "raw" (the whole-crop Dice of the probabilities at 0.5).
+SELECTION_RULES = ("delivered", "raw")
+
+#: Probability threshold at which validation finds lesions: inside the range 0.3-0.45 that
+#: ``igtv-node calibrate`` chose for every network so far (docs/model_card.md).
+VALIDATION_THRESHOLD = 0.35
 
 
 @dataclass
@@ -62,6 +70,7 @@ class TrainRequest:
     envelope_weight: float = 1.0
     misregister_px: float = 2.0
     slice_step: int | None = None
+    select_by: str = "delivered"
     architecture: dict[str, Any] | None = None
     slices: int | None = None
     progress: bool = True
@@ -223,6 +232,31 @@ def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Pre
     return [load_samples(path) for path in paths]
 
 
+def delivered_dice_scorer(settings: Any = None, threshold: float = VALIDATION_THRESHOLD) -> StudyScorer:
+    """A validation scorer: the Dice of the lesions the node would deliver, on the model grid.
+
+    Parameters
+    ----------
+    settings:
+        :class:`~pipeline.settings.ProcessSettings` whose post-processing (size limit,
+        lesions kept, their order, outline) is applied; default the node's defaults.
+    threshold:
+        Probability threshold at which lesions are found.
+    """
+    from model.metrics import dice
+    from pipeline.postprocess import postprocess_with
+    from pipeline.settings import ProcessSettings
+
+    settings = settings or ProcessSettings()
+
+    def score(prob: np.ndarray, study: StudySamples) -> float:
+        z_mm, pixel_mm = study.spacing_mm
+        delivered = postprocess_with(prob, (z_mm, pixel_mm, pixel_mm), settings, threshold) > 0
+        return dice(delivered, study.target() >= 0.5)
+
+    return score
+
+
 def split_studies(uids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic study-level split: (train, validation)."""
     uids = sorted(uids)
@@ -255,6 +289,8 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         raise PipelineError(f"mine_every must be 0 (off) or a number of epochs, got {req.mine_every}")
     if req.envelope_weight < 1.0:
         raise PipelineError(f"envelope weight must be at least 1 (1 = no extra weight), got {req.envelope_weight}")
+    if req.select_by not in SELECTION_RULES:
+        raise PipelineError(f"unknown epoch selection {req.select_by!r}; choose one of {SELECTION_RULES}")
     if req.misregister_px < 0:
         raise PipelineError(f"misregistration shift must be 0 (off) or positive, got {req.misregister_px} px")
     refs = find_studies(req.data)
@@ -291,8 +327,10 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
     result = train_model(
         [by_uid[u] for u in train_uids], [by_uid[u] for u in val_uids], req.out, prep,
         net_cfg=net_cfg, cfg=cfg, init=req.init, resume=req.resume, metadata=description,
-        progress=req.progress,
+        progress=req.progress, scorer=delivered_dice_scorer() if req.select_by == "delivered" else None,
     )
     best = result["best"]
-    log.info("best epoch %s: validation Dice %.4f -> %s", best.get("epoch"), best.get("val_dice", float("nan")), req.out)
+    key = "val_node_dice" if req.select_by == "delivered" else "val_dice"
+    log.info("best epoch %s: validation Dice %.4f (%s) -> %s", best.get("epoch"), best.get(key, float("nan")),
+             req.select_by, req.out)
     return result

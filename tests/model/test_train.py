@@ -53,6 +53,29 @@ def test_training_learns_and_resumes(tmp_path):
     assert [h["epoch"] for h in res2["history"]] == list(range(1, 6))
 
 
+def test_a_scorer_chooses_the_best_epoch_and_is_recorded(tmp_path):
+    train = [blob_study(s) for s in range(2)]
+    val = [blob_study(100 + s) for s in range(2)]
+    calls = []
+
+    def scorer(prob, study):  # prefers epoch 2 of 3, whatever the raw Dice says
+        calls.append(prob.shape == study.labels.shape)
+        epoch = (len(calls) - 1) // len(val) + 1
+        return {1: 0.2, 2: 0.9, 3: 0.5}[epoch]
+
+    out = tmp_path / "m.safetensors"
+    res = train_model(train, val, out, PREP, NET, _cfg(epochs=3, samples_per_epoch=16), progress=False, scorer=scorer)
+    assert all(calls) and len(calls) == 3 * len(val)
+    assert [h["val_node_dice"] for h in res["history"]] == pytest.approx([0.2, 0.9, 0.5])
+    assert res["best"]["epoch"] == 2
+    meta = json.loads(metadata_path(out).read_text())
+    assert meta["metrics"]["best_epoch"] == 2 and meta["best_epoch_by"] == "val_node_dice"
+    # resuming recomputes the best so far by the same criterion: epoch 4 must beat 0.9 to be kept
+    res2 = train_model(train, val, out, PREP, NET, _cfg(epochs=4, samples_per_epoch=16), resume=True,
+                       progress=False, scorer=lambda prob, study: 0.8)
+    assert res2["best"]["epoch"] == 2 and json.loads(metadata_path(out).read_text())["metrics"]["best_epoch"] == 2
+
+
 def test_stepped_samples_take_every_other_plane_and_train(tmp_path):
     def stepped(seed):
         s = blob_study(seed, k=5)  # 5 planes per stack = K 3 with a step of 2

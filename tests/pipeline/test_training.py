@@ -11,9 +11,11 @@ import torch
 from model.checkpoint import load_checkpoint, metadata_path
 from model.preprocessing import Preprocessing
 from pipeline.errors import LabelError, PipelineError
+from model.train import StudySamples
 from pipeline.training import (
     TrainRequest,
     cached_samples,
+    delivered_dice_scorer,
     find_studies,
     load_samples,
     run_training,
@@ -30,6 +32,22 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def test_delivered_dice_keeps_the_largest_lesion_and_outlines_it_at_half():
+    labels = np.zeros((6, 32, 32), dtype=np.uint8)
+    labels[1:5, 8:16, 8:16] = 1
+    study = StudySamples("s", np.zeros((8, 2, 32, 32), np.float16), labels, (3.0, 2.0))
+    prob = np.zeros(labels.shape, dtype=np.float32)
+    prob[1:5, 8:16, 8:16] = 0.9
+    prob[1:5, 6:8, 8:16] = 0.4  # a rim found at 0.35 but outside the outline at 0.5
+    prob[1:4, 22:30, 22:30] = 0.9  # a smaller false lesion, dropped by keep-one (largest)
+    score = delivered_dice_scorer()(prob, study)
+    assert score == pytest.approx(1.0)
+    from model.metrics import dice
+
+    assert dice(prob >= 0.5, labels) < 0.9  # what the raw whole-crop Dice sees
+    assert delivered_dice_scorer(threshold=0.95)(prob, study) == 0.0  # nothing found
 
 
 def test_split_is_deterministic_and_by_study():
@@ -135,3 +153,7 @@ def test_run_training_writes_checkpoint_and_fine_tunes(synthetic_study_factory, 
     assert meta_ft["init"]["version"] == meta["version"] and meta_ft["training"]["freeze"] == ["stem"]
     assert meta_ft["training"]["envelope_weight"] == 2.0 and meta_ft["training"]["misregister_px"] == 0.0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # 2 studies x (GTV, IGTV)
+    assert meta_ft["best_epoch_by"] == "val_node_dice" and "val_node_dice" in meta_ft["metrics"]
+    with pytest.raises(PipelineError, match="epoch selection"):
+        run_training(TrainRequest(data=studies, out=tmp_path / "x.safetensors", roi_names=["IGTV"], init=base,
+                                  select_by="best", progress=False))
