@@ -4,8 +4,8 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval; also, not in the
-#   default: refine7 (session 8's candidate on 448 studies)
+#   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate eval; also, not
+#   in the default: refine7 (session 8's candidate on 448 studies) and refine10 (session 10's)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -19,7 +19,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate eval}
 IGTV=${IGTV:-igtv-node}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
@@ -126,7 +126,7 @@ for stage in $STAGES; do
         on_448 refine6_igtv refine8_igtv 3 1e-4 --misregister-px 0 --slice-step 2 --select-by raw
         ;;
     grow)
-        # refine8's network with a wider decoder (64-48-32 channels at 1/8-1/4-1/2) and refinement
+        # session 10: refine8's network with a wider decoder (64-48-32 channels at 1/8-1/4-1/2) and refinement
         # head (24): the new channels start with zero outgoing weights, so the output is refine8's
         $IGTV grow "$RUNS/refine8_igtv.safetensors" --decoder-widths 64,48,32 --refine-width 24 \
             --out "$RUNS/grown8.safetensors"
@@ -142,11 +142,11 @@ for stage in $STAGES; do
         on_448 refine8_igtv refine10_igtv 5 1e-4 --misregister-px 0 --slice-step 2 --select-by delivered
         ;;
     ship)
-        # the shipped checkpoint: the refine8 network (chosen on the selection studies, with the
-        # node's default post-processing, over refine6, refine5, refine4, refine7 and earlier
-        # candidates)
-        cp "$RUNS/refine8_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
-        cp "$RUNS/refine8_igtv.json" "$RUNS/igtv_sim_mamba.json"
+        # the shipped checkpoint: the refine9 network (chosen on the selection studies, with the
+        # node's default post-processing, over refine10, refine8, refine6, refine5, refine7 and
+        # earlier candidates)
+        cp "$RUNS/refine9_igtv.safetensors" "$RUNS/igtv_sim_mamba.safetensors"
+        cp "$RUNS/refine9_igtv.json" "$RUNS/igtv_sim_mamba.json"
         ;;
     calibrate)
         # the probability threshold with the best mean Dice on the selection studies, stored in the checkpoint

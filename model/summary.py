@@ -1,6 +1,8 @@
 """Parameter count and FLOPs of a SIM-Mamba configuration.
 
-``python -m model.summary [--height 160 --width 128 --slices 5]`` prints them.
+``python -m model.summary [--height 160 --width 128 --slices 5]`` prints them for the
+default configuration; ``--checkpoint PATH`` (or ``--checkpoint shipped``) for a
+checkpoint's architecture.
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix
 multiplies and convolutions; the selective scan's own O(b*d*L*n) work is added
 analytically because the counter does not see inside the numba kernel).
@@ -9,6 +11,7 @@ analytically because the counter does not see inside the numba kernel).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,15 +57,22 @@ def describe(config: NetConfig | None = None, height: int = 160, width: int = 12
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Print parameters and FLOPs of the SIM-Mamba network.")
     ap.add_argument("--height", type=int, default=160)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--slices", type=int, default=5)
     ap.add_argument("--no-sim", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--checkpoint", help="a checkpoint whose architecture to describe ('shipped': the default model)")
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(describe(NetConfig(slices=a.slices, use_sim=not a.no_sim), a.height, a.width))
+    config = NetConfig(slices=a.slices, use_sim=not a.no_sim)
+    if a.checkpoint:
+        from model.checkpoint import read_metadata, shipped_checkpoint_path
+
+        path = shipped_checkpoint_path() if a.checkpoint == "shipped" else Path(a.checkpoint)
+        config = NetConfig.from_dict(read_metadata(path)["architecture"])
+    print(describe(config, a.height, a.width))
 
 
 if __name__ == "__main__":

@@ -54,3 +54,14 @@ def test_config_round_trip_and_summary():
 def test_default_model_is_small():
     """The default must stay CPU-friendly (see docs/model_card.md)."""
     assert count_parameters(build_network(NetConfig())) < 1_000_000
+
+
+def test_summary_describes_the_shipped_checkpoints_architecture(capsys):
+    from model.checkpoint import read_metadata, shipped_checkpoint_path
+    from model.summary import main
+
+    main(["--checkpoint", "shipped", "--height", "32", "--width", "32"])
+    shipped = NetConfig.from_dict(read_metadata(shipped_checkpoint_path())["architecture"])
+    out = capsys.readouterr().out
+    assert f"{count_parameters(build_network(shipped)):,}" in out
+    assert count_parameters(build_network(shipped)) < 1_000_000  # still CPU-friendly (docs/model_card.md)
