@@ -25,7 +25,7 @@ from model.network import SimMamba, build_network
 _CONCAT_INPUTS = {"up1.conv.0.0.weight": 0, "up0.conv.0.0.weight": 1, "refine.0.0.weight": 2}
 
 
-def _input_map(name: str, old_in: int, new_in: int, old_dec: tuple[int, ...], new_dec: tuple[int, ...]) -> torch.Tensor:
+def _input_map(name: str, old_in: int, old_dec: tuple[int, ...], new_dec: tuple[int, ...]) -> torch.Tensor:
     """New input-channel index of each old input channel of parameter ``name``."""
     idx = torch.arange(old_in)
     if name in _CONCAT_INPUTS:
@@ -46,7 +46,7 @@ def _grow_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_dec: tuple
             out.copy_(old)
         return out
     o_old, i_old = old.shape[:2]
-    cols = _input_map(name, i_old, new.shape[1], old_dec, new_dec)
+    cols = _input_map(name, i_old, old_dec, new_dec)
     out[:o_old] = 0  # old outputs must not read the new channels
     out[:o_old, cols] = old
     return out
