@@ -265,8 +265,10 @@ def checkpoint_summary(meta: dict[str, Any]) -> str:
     dice = meta.get("metrics", {}).get("val_dice")
     parts = [f"SIM-Mamba ensemble of {len(meta['members'])}" if meta.get("members") else "SIM-Mamba",
              f"K={meta.get('architecture', {}).get('slices', '?')}"]
+    delivered = meta.get("metrics", {}).get("val_node_dice")
     if isinstance(dice, (int, float)):
-        parts.append(f"training validation Dice {dice:.3f}")
+        parts.append(f"training validation Dice {dice:.3f}"
+                     + (f" ({delivered:.3f} as delivered)" if isinstance(delivered, (int, float)) else ""))
     point = meta.get("operating_point")
     if point:
         score = point.get("candidates", {}).get(f"{point['threshold']:g}")

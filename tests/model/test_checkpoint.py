@@ -158,6 +158,8 @@ def test_summary_names_the_calibration():
                                 "postprocessing": {"lesion_order": "volume"}}}
     assert checkpoint_summary(meta) == ("v1-t0.3 (SIM-Mamba, K=5, training validation Dice 0.830, threshold 0.3 "
                                         "calibrated on 48 studies (mean Dice 0.858) with lesion_order 'volume')")
+    meta["metrics"]["val_node_dice"] = 0.8412
+    assert "training validation Dice 0.830 (0.841 as delivered)," in checkpoint_summary(meta)
     bare = {"version": "v0", "architecture": {"slices": 3}, "members": [{}, {}]}
     assert checkpoint_summary(bare) == "v0 (SIM-Mamba ensemble of 2, K=3, not calibrated)"
 
