@@ -5,7 +5,7 @@
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
 #   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate eval; also, not
-#   in the default: refine7 (session 8's candidate on 448 studies) and refine10 (session 10's)
+#   in the default: refine7 (session 8's candidate on 448 studies), refine10 and refine11 (session 10's)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   DEVICE    cpu | cuda | auto (default: auto)
@@ -141,6 +141,11 @@ for stage in $STAGES; do
         # which picked refine8's first epoch while its third scored higher on the selection studies)
         on_448 refine8_igtv refine10_igtv 5 1e-4 --misregister-px 0 --slice-step 2 --select-by delivered
         ;;
+    refine11)
+        # refine9 with stacks of K=5 slices three CT slices apart (reach +-6 slices along the
+        # breathing axis; a new sample cache of about 5 GB), 3 epochs at lr 2e-4 (session 10)
+        on_448 refine9_igtv refine11_igtv 3 2e-4 --misregister-px 0 --slice-step 3 --select-by delivered
+        ;;
     ship)
         # the shipped checkpoint: the refine9 network (chosen on the selection studies, with the
         # node's default post-processing, over refine10, refine8, refine6, refine5, refine7 and
@@ -160,7 +165,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7 grow refine9 refine10)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7 grow refine9 refine10 refine11)" >&2
         exit 2
         ;;
     esac
