@@ -76,7 +76,7 @@ def grow_decoder(net: SimMamba, decoder_widths: tuple[int, int, int], refine_wid
     old_cfg = net.cfg
     new_cfg = replace(old_cfg, decoder_widths=tuple(int(v) for v in decoder_widths), refine_width=int(refine_width))
     old_dec, new_dec = old_cfg.decoder, new_cfg.decoder
-    if any(n < o for n, o in zip(new_dec, old_dec)) or new_cfg.refine_width < old_cfg.refine_width:
+    if any(n < o for n, o in zip(new_dec, old_dec, strict=True)) or new_cfg.refine_width < old_cfg.refine_width:
         raise ValueError(f"growing needs widths at least the current ones: decoder {old_dec} -> {new_dec}, "
                          f"refinement {old_cfg.refine_width} -> {new_cfg.refine_width}")
     torch.manual_seed(seed)

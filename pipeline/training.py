@@ -24,6 +24,7 @@ import numpy as np
 from model.preprocessing import Preprocessing
 from model.train import DICE_MODES, LABEL_MODES, StudySamples, StudyScorer, TrainConfig, train_model
 from pipeline.errors import LabelError, PipelineError
+from pipeline.settings import ProcessSettings
 from pipeline.uids import validate_uid
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 #: after its default post-processing) or "raw" (the whole-crop Dice of the probabilities at 0.5).
 SELECTION_RULES = ("delivered", "raw")
 
-#: Probability threshold at which validation finds lesions: inside the range 0.3-0.45 that
-#: ``igtv-node calibrate`` chose for every network so far (docs/model_card.md).
+#: Probability threshold at which validation finds lesions: inside 0.3-0.45, where
+#: ``igtv-node calibrate`` put every network calibrated under the default post-processing
+#: (refine5 to refine11, docs/model_card.md).
 VALIDATION_THRESHOLD = 0.35
 
 
@@ -232,7 +234,8 @@ def cached_samples(refs: Iterable[StudyRef], roi_names: Sequence[str], prep: Pre
     return [load_samples(path) for path in paths]
 
 
-def delivered_dice_scorer(settings: Any = None, threshold: float = VALIDATION_THRESHOLD) -> StudyScorer:
+def delivered_dice_scorer(settings: ProcessSettings | None = None,
+                          threshold: float = VALIDATION_THRESHOLD) -> StudyScorer:
     """A validation scorer: the Dice of the lesions the node would deliver, on the model grid.
 
     Parameters
@@ -245,7 +248,6 @@ def delivered_dice_scorer(settings: Any = None, threshold: float = VALIDATION_TH
     """
     from model.metrics import dice
     from pipeline.postprocess import postprocess_with
-    from pipeline.settings import ProcessSettings
 
     settings = settings or ProcessSettings()
 

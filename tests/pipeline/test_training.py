@@ -10,8 +10,8 @@ import torch
 
 from model.checkpoint import load_checkpoint, metadata_path
 from model.preprocessing import Preprocessing
-from pipeline.errors import LabelError, PipelineError
 from model.train import StudySamples
+from pipeline.errors import LabelError, PipelineError
 from pipeline.training import (
     TrainRequest,
     cached_samples,
