@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -40,6 +41,17 @@ def _fail(exc: Exception) -> None:
     """Print an expected error without a stack trace and exit 2."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _comma_values(text: str, count: int, convert: Callable[[str], float], error: str) -> tuple:
+    """``text`` split at commas into exactly ``count`` converted values; otherwise exit with ``error``."""
+    try:
+        values = tuple(convert(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        _fail(ValueError(error))
+    return values
 
 
 @app.command()
@@ -86,13 +98,7 @@ def synth(
         def numbers(text: str | None, count: int, flag: str) -> tuple[float, ...] | None:
             if not text:
                 return None
-            try:
-                values = tuple(float(v) for v in text.split(","))
-            except ValueError:
-                values = ()
-            if len(values) != count:
-                _fail(ValueError(f"{flag} needs {count} comma-separated numbers (mm), not {text!r}"))
-            return values
+            return _comma_values(text, count, float, f"{flag} needs {count} comma-separated numbers (mm), not {text!r}")
 
         offset = numbers(pet_offset, 3, "--pet-offset") or (0.0, 0.0, 0.0)
         options = SynthOptions(
@@ -292,12 +298,8 @@ def grow(
     from model.grow import grow_checkpoint
     from pipeline.errors import IgtvError
 
-    try:
-        widths = tuple(int(v) for v in decoder_widths.split(","))
-    except ValueError:
-        widths = ()
-    if len(widths) != 3:
-        _fail(IgtvError(f"--decoder-widths needs three comma-separated integers (1/8, 1/4, 1/2), got {decoder_widths!r}"))
+    widths = _comma_values(decoder_widths, 3, int, "--decoder-widths needs three comma-separated integers "
+                           f"(1/8, 1/4, 1/2), got {decoder_widths!r}")
     try:
         path = grow_checkpoint(checkpoint, out, widths, refine_width, seed)  # type: ignore[arg-type]
     except IgtvError as exc:

@@ -76,6 +76,12 @@ def test_ensemble_command_combines_checkpoints_and_explains_refusals(tmp_path):
     assert out.exit_code != 0 and "at least two" in out.output
 
 
+def test_synth_explains_a_malformed_number_list(tmp_path):
+    out = runner.invoke(app, ["synth", str(tmp_path / "s"), "--pet-offset", "1,2"])
+    assert out.exit_code == 2 and "--pet-offset needs 3 comma-separated numbers (mm), not '1,2'" in out.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_grow_command_widens_the_decoder_and_explains_refusals(tmp_path):
     import json
 
