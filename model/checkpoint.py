@@ -262,10 +262,10 @@ def shipped_checkpoint_info() -> str:
 
 def checkpoint_summary(meta: dict[str, Any]) -> str:
     """One line describing a checkpoint from its metadata: version, kind, K, and its calibration."""
-    dice = meta.get("metrics", {}).get("val_dice")
+    metrics = meta.get("metrics", {})
+    dice, delivered = metrics.get("val_dice"), metrics.get("val_node_dice")
     parts = [f"SIM-Mamba ensemble of {len(meta['members'])}" if meta.get("members") else "SIM-Mamba",
              f"K={meta.get('architecture', {}).get('slices', '?')}"]
-    delivered = meta.get("metrics", {}).get("val_node_dice")
     if isinstance(dice, (int, float)):
         parts.append(f"training validation Dice {dice:.3f}"
                      + (f" ({delivered:.3f} as delivered)" if isinstance(delivered, (int, float)) else ""))

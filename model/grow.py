@@ -37,13 +37,13 @@ def _input_map(name: str, old_in: int, old_dec: tuple[int, ...], new_dec: tuple[
 
 def _grow_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_dec: tuple[int, ...],
                  new_dec: tuple[int, ...]) -> torch.Tensor:
-    """``new`` (fresh init, the grown shape) with ``old`` copied in and the new inputs of old outputs zeroed."""
+    """``new`` (fresh init, the grown shape) with ``old`` copied in and the new inputs of old outputs zeroed.
+
+    Only tensors whose shape changed come here, so never a 0-d one (BatchNorm's batch count).
+    """
     out = new.clone()
-    if old.dim() <= 1:  # BatchNorm statistics and affine terms, biases: per output channel
-        if old.dim() == 1:
-            out[: old.shape[0]] = old
-        else:
-            out.copy_(old)
+    if old.dim() == 1:  # BatchNorm statistics and affine terms, biases: per output channel
+        out[: old.shape[0]] = old
         return out
     o_old, i_old = old.shape[:2]
     cols = _input_map(name, i_old, old_dec, new_dec)

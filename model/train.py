@@ -538,7 +538,8 @@ def train_model(
     Returns
     -------
     dict
-        The best epoch's metrics and the history.
+        The best epoch's metrics ("best"), the history, and the metric the best epoch
+        was chosen by ("best_by": "val_node_dice" or "val_dice").
     """
     from model.device import resolve_device
 
@@ -668,7 +669,7 @@ def train_model(
                 on_epoch(epoch + 1, metrics)
     best_entry = (max(history, key=lambda m: m.get(select_by, -math.inf)) if val and history
                   else (history[-1] if history else {}))
-    return {"best": best_entry, "history": history}
+    return {"best": best_entry, "history": history, "best_by": select_by}
 
 
 class _NoBar:

@@ -332,7 +332,6 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
         progress=req.progress, scorer=delivered_dice_scorer() if req.select_by == "delivered" else None,
     )
     best = result["best"]
-    key = "val_node_dice" if req.select_by == "delivered" else "val_dice"
-    log.info("best epoch %s: validation Dice %.4f (%s) -> %s", best.get("epoch"), best.get(key, float("nan")),
-             req.select_by, req.out)
+    log.info("best epoch %s: validation Dice %.4f (%s) -> %s", best.get("epoch"),
+             best.get(result["best_by"], float("nan")), req.select_by, req.out)
     return result

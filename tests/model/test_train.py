@@ -67,7 +67,7 @@ def test_a_scorer_chooses_the_best_epoch_and_is_recorded(tmp_path):
     res = train_model(train, val, out, PREP, NET, _cfg(epochs=3, samples_per_epoch=16), progress=False, scorer=scorer)
     assert all(calls) and len(calls) == 3 * len(val)
     assert [h["val_node_dice"] for h in res["history"]] == pytest.approx([0.2, 0.9, 0.5])
-    assert res["best"]["epoch"] == 2
+    assert res["best"]["epoch"] == 2 and res["best_by"] == "val_node_dice"
     meta = json.loads(metadata_path(out).read_text())
     assert meta["metrics"]["best_epoch"] == 2 and meta["best_epoch_by"] == "val_node_dice"
     # resuming recomputes the best so far by the same criterion: epoch 4 must beat 0.9 to be kept
