@@ -9,10 +9,12 @@ with the dose decayed to the time the images are decay-corrected to:
 - ADMIN: images are corrected to the injection time; the dose is used as is.
 - NONE: each slice is decayed to its own AcquisitionDateTime/AcquisitionTime.
 
-Units GML are already SUV. Units CNTS use the vendor SUV scale factor (Philips
-private (7053,1000)) or the activity-concentration scale factor (7053,1009)
-and then the BQML formula. Missing information raises
-:class:`SuvCalibrationError` naming the attribute; nothing is guessed.
+Units GML are already SUV (SUVType BW or absent; other SUV types are refused).
+Units CNTS use the vendor SUV scale factor (Philips private (7053,1000)) or the
+activity-concentration scale factor (7053,1009) and then the BQML formula.
+Missing or implausible information (a half-life that is no PET radionuclide's,
+more than 8 half-lives since injection) raises :class:`SuvCalibrationError`
+naming the attribute; nothing is guessed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ from pipeline.volume import SeriesVolume
 _PHILIPS_CREATOR = "Philips PET Private Group"
 #: Lowest plausible injected activity in Bq; smaller values are probably MBq or mCi.
 MIN_DOSE_BQ = 1.0e5
+#: Half-lives (s) of the radionuclides used in PET; RadionuclideHalfLife must match one.
+PET_HALF_LIVES_S = {
+    "Rb-82": 75.45, "O-15": 122.24, "N-13": 597.9, "C-11": 1223.4, "Ga-68": 4062.6, "F-18": 6586.2,
+    "Sc-44": 14292.0, "Cu-64": 45720.0, "Zr-89": 282276.0, "I-124": 360806.0,
+}
+#: Relative tolerance of that match (vendors round F-18's 6586.2 s to 6586-6588).
+HALF_LIFE_TOLERANCE = 0.02
+#: Largest lead of the injection clock over the scanner's that counts as skew, not as an
+#: injection the day before (StartTime without a date).
+MAX_CLOCK_SKEW_S = 300.0
+#: Most half-lives between injection and the decay reference time (1/256 of the dose left).
+MAX_HALF_LIVES = 8
 
 
 def _label(header: Dataset, series_label: str | None) -> str:
@@ -127,7 +141,8 @@ def _number(ds: Dataset, keyword: str, label: str, unit: str) -> float:
 def injection_time(header: Dataset, scan: datetime, series_label: str | None = None) -> datetime:
     """Injection time from RadiopharmaceuticalStartDateTime, or StartTime on the series date.
 
-    A StartTime later than the scan means the injection was before midnight.
+    A StartTime more than :data:`MAX_CLOCK_SKEW_S` after the scan means the injection was
+    before midnight; a smaller lead is the injector's clock running ahead of the scanner's.
     """
     label = _label(header, series_label)
     info = _radiopharmaceutical(header, label)
@@ -143,7 +158,7 @@ def injection_time(header: Dataset, scan: datetime, series_label: str | None = N
         when = parse_dicom_datetime(date or scan.strftime("%Y%m%d"), start)
         if when is None:
             raise SuvCalibrationError(f"{label}: RadiopharmaceuticalStartTime {start!r} is unreadable")
-        if when > scan:
+        if (when - scan).total_seconds() > MAX_CLOCK_SKEW_S:
             when -= timedelta(days=1)
     return when
 
@@ -176,6 +191,20 @@ def _private_float(header: Dataset, element: int) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
+def _half_life(info: Dataset, label: str) -> float:
+    """RadionuclideHalfLife in seconds, checked against the PET radionuclides."""
+    half_life = _number(info, "RadionuclideHalfLife", label, "s")
+    if any(abs(half_life / known - 1) <= HALF_LIFE_TOLERANCE for known in PET_HALF_LIVES_S.values()):
+        return half_life
+    in_minutes = [name for name, known in PET_HALF_LIVES_S.items()
+                  if abs(half_life * 60 / known - 1) <= HALF_LIFE_TOLERANCE]
+    hint = f"; {half_life:g} min is the half-life of {in_minutes[0]}: written in minutes?" if in_minutes else ""
+    known = ", ".join(f"{name} {value:g} s" for name, value in PET_HALF_LIVES_S.items())
+    raise SuvCalibrationError(
+        f"{label}: RadionuclideHalfLife {half_life:g} s matches no PET radionuclide ({known}){hint}"
+    )
+
+
 def _bqml_factor(
     header: Dataset, label: str, reference: datetime | None, scan: datetime | None
 ) -> float:
@@ -191,13 +220,14 @@ def _bqml_factor(
             f"(MBq or mCi written instead?); correct the header"
         )
     if reference is not None and scan is not None:
-        half_life = _number(info, "RadionuclideHalfLife", label, "s")
+        half_life = _half_life(info, label)
         injected = injection_time(header, scan, label)
         elapsed = (reference - injected).total_seconds()
-        if elapsed < -60 or elapsed > 24 * 3600:
+        if elapsed < -MAX_CLOCK_SKEW_S or elapsed > MAX_HALF_LIVES * half_life:
             raise SuvCalibrationError(
                 f"{label}: {elapsed / 60:.0f} min between injection ({injected:%Y-%m-%d %H:%M:%S}) and "
-                f"the decay reference time ({reference:%Y-%m-%d %H:%M:%S}) is implausible; "
+                f"the decay reference time ({reference:%Y-%m-%d %H:%M:%S}) is implausible (expected 0 to "
+                f"{MAX_HALF_LIVES * half_life / 60:.0f} min, {MAX_HALF_LIVES} half-lives); "
                 f"check RadiopharmaceuticalStartDateTime/StartTime and SeriesTime"
             )
         dose *= math.exp(-math.log(2.0) * elapsed / half_life)
@@ -228,6 +258,12 @@ def suv_factor(
     label = _label(header, series_label)
     units = str(header.get("Units", "")).strip().upper()
     if units == "GML":
+        suv_type = str(header.get("SUVType", "")).strip().upper()
+        if suv_type not in ("", "BW"):
+            raise SuvCalibrationError(
+                f"{label}: Units GML with SUVType {suv_type}; the model reads body-weight SUV (BW). "
+                f"Send the PET in BQML or as SUVbw"
+            )
         return 1.0
     if units == "CNTS":
         suv_scale = _private_float(header, 0x00)

@@ -137,3 +137,33 @@ def test_to_suv_refuses_ct(phantom_study):
     ct = reader.load_volume(reader.scan_files(phantom_study.ct_files).series[0])
     with pytest.raises(SuvCalibrationError, match="needs a PET"):
         suv.to_suv(ct)
+
+
+def test_start_time_a_few_seconds_ahead_is_clock_skew_not_the_day_before():
+    # scan at 11:00:00; the injector's clock runs 12 s ahead of the scanner's
+    ds = radio(header(), RadiopharmaceuticalStartDateTime=None, RadiopharmaceuticalStartTime="110012")
+    skewed = WEIGHT_KG * 1000.0 / (DOSE_BQ * math.exp(math.log(2) * 12.0 / F18_HALF_LIFE))
+    assert suv.suv_factor(ds) == pytest.approx(skewed, rel=1e-9)
+
+
+def test_start_time_rolled_back_a_day_is_refused_as_too_many_half_lives():
+    ds = radio(header(), RadiopharmaceuticalStartDateTime=None, RadiopharmaceuticalStartTime="111000")
+    with pytest.raises(SuvCalibrationError, match="half-lives"):
+        suv.suv_factor(ds)
+
+
+def test_half_life_in_minutes_is_refused_with_a_hint():
+    with pytest.raises(SuvCalibrationError, match="half-life of F-18: written in minutes"):
+        suv.suv_factor(radio(header(), RadionuclideHalfLife="109.77"))
+
+
+@pytest.mark.parametrize("half_life", ["6586", "6588.0", "4062.6", "282276"])
+def test_half_lives_of_pet_radionuclides_are_accepted(half_life):
+    assert suv.suv_factor(radio(header(DecayCorrection="ADMIN"), RadionuclideHalfLife=half_life)) > 0
+    assert suv.suv_factor(radio(header(), RadionuclideHalfLife=half_life)) > 0
+
+
+def test_gml_with_another_suv_type_is_refused():
+    with pytest.raises(SuvCalibrationError, match="SUVType LBM"):
+        suv.suv_factor(header(Units="GML", SUVType="LBM"))
+    assert suv.suv_factor(header(Units="GML", SUVType="BW")) == 1.0
