@@ -23,7 +23,7 @@ LESION_KEYS = (
     "si_extent_mm",
     "ap_extent_mm",
     "lr_extent_mm",
-    "centroid_mm",
+    "centroid_mm_lps",
 )
 
 
@@ -40,7 +40,7 @@ def build_report(
     components:
         One dict per kept lesion, largest first, as from
         ``pipeline.postprocess.component_report`` (volume_cc, suv_max, suv_mean,
-        si/ap/lr_extent_mm, centroid_mm); further keys are kept as they are and
+        si/ap/lr_extent_mm, centroid_mm_lps); further keys are kept as they are and
         missing ones become null.
     timings:
         Seconds per stage (e.g. load, predict, write); a "total" is added when absent.

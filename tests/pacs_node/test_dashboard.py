@@ -31,9 +31,9 @@ FAILED_STUDY = "1.2.826.0.1.3680043.8.498.1002"
 REPORT = build_report(
     [
         {"volume_cc": 12.5, "suv_max": 9.25, "suv_mean": 4.1, "si_extent_mm": 21.0, "ap_extent_mm": 30.0,
-         "lr_extent_mm": 28.0, "centroid_mm": [1.0, 2.0, 3.0]},
+         "lr_extent_mm": 28.0, "centroid_mm_lps": [1.0, 2.0, 3.0]},
         {"volume_cc": 1.5, "suv_max": 3.0, "suv_mean": 2.0, "si_extent_mm": 8.0, "ap_extent_mm": 9.0,
-         "lr_extent_mm": 7.0, "centroid_mm": [5.0, 6.0, 7.0]},
+         "lr_extent_mm": 7.0, "centroid_mm_lps": [5.0, 6.0, 7.0]},
     ],
     {"load": 1.2, "inference": 7.5, "writers": 0.4},
     {"version": "test"},

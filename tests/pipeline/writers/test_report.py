@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.writers.report import build_report, uid_entries, write_report
+from pipeline.writers.report import LESION_KEYS, build_report, uid_entries, write_report
 from pipeline.writers.rtstruct import write_rtstruct
 from pipeline.writers.seg import write_seg
 from tests.pipeline.writers.ct_factory import ellipsoid_mask
@@ -22,7 +22,7 @@ def components():
             "si_extent_mm": 42.0,
             "ap_extent_mm": 35.5,
             "lr_extent_mm": 31.0,
-            "centroid_mm": np.array([-80.5, 20.0, -310.25]),
+            "centroid_mm_lps": np.array([-80.5, 20.0, -310.25]),
             "label": np.int64(1),
             "touches_border": False,
         },
@@ -33,7 +33,7 @@ def components():
             "si_extent_mm": 20.0,
             "ap_extent_mm": 18.0,
             "lr_extent_mm": 17.0,
-            "centroid_mm": (30.0, 40.0, -300.0),
+            "centroid_mm_lps": (30.0, 40.0, -300.0),
         },
     ]
 
@@ -51,7 +51,7 @@ def test_report_fields_totals_and_round_trip(tmp_path):
     assert loaded["lesion_count"] == 2 and loaded["target_found"] is True
     first = loaded["lesions"][0]
     assert first["volume_cc"] == 30.0 and first["suv_max"] == 11.5
-    assert first["centroid_mm"] == [-80.5, 20.0, -310.25]
+    assert first["centroid_mm_lps"] == [-80.5, 20.0, -310.25]
     assert (first["si_extent_mm"], first["ap_extent_mm"], first["lr_extent_mm"]) == (
         42.0,
         35.5,
@@ -72,7 +72,7 @@ def test_no_target_and_missing_or_bad_values():
     assert report["total"] == {"volume_cc": 0.0, "suv_max": None, "suv_mean": None}
     partial = build_report([{"volume_cc": 2.0, "suv_max": float("nan")}], {}, {}, {})
     assert partial["lesions"][0]["suv_max"] is None
-    assert partial["lesions"][0]["centroid_mm"] is None
+    assert partial["lesions"][0]["centroid_mm_lps"] is None
     json.dumps(partial, allow_nan=False)
 
 
@@ -93,3 +93,15 @@ def test_uid_entries_name_sources_and_results(small_ct, info):
     assert entries["results"]["rtstruct"]["series_instance_uid"] == rtstruct.SeriesInstanceUID
     report = build_report([], {}, {}, entries)
     assert report["results"]["rtstruct"]["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def test_every_lesion_key_is_filled_from_component_report():
+    from pipeline.postprocess import component_report
+
+    mask = np.zeros((8, 16, 16), bool)
+    mask[2:6, 4:10, 5:12] = True
+    lesions = component_report(mask, mask * 3.0, (2.0, 1.0, 1.0), origin=(-8.0, -8.0, -100.0),
+                               direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    lesion = build_report(lesions, {}, {}, {})["lesions"][0]
+    missing = [key for key in LESION_KEYS if lesion[key] is None]
+    assert not missing, f"report keys that component_report does not fill: {missing}"
