@@ -225,12 +225,14 @@ class Spool:
     def restore(self, study_uid: str) -> int:
         """Move a quarantined study's instances back into the spool (a late instance re-opened it).
 
-        The reason file stays in quarantine as history. Returns the number of files moved.
+        An instance received again after the quarantine is newer than its quarantined copy:
+        the spool keeps the new one and the old copy stays in quarantine, with the reason
+        file, as history. Returns the number of files moved.
         """
         src = self.quarantine_dir(study_uid)
         if not src.is_dir():
             return 0
-        moved = _merge_move(src, self.study_dir(study_uid), skip={"REASON.txt"})
+        moved = _merge_move(src, self.study_dir(study_uid), skip={"REASON.txt"}, replace=False)
         fsync_dir(self.root)
         return moved
 
@@ -252,13 +254,18 @@ def _subdirs(folder: Path) -> list[Path]:
     return [folder / n for n in names if is_valid_uid(n)]
 
 
-def _merge_move(src: Path, dst: Path, skip: set[str] | None = None) -> int:
-    """Move every file under ``src`` into the same relative place under ``dst``."""
+def _merge_move(src: Path, dst: Path, skip: set[str] | None = None, replace: bool = True) -> int:
+    """Move every file under ``src`` into the same relative place under ``dst``.
+
+    ``replace`` False leaves a file in ``src`` where ``dst`` already has one of that name.
+    """
     moved = 0
     for path in sorted(src.rglob("*")):
         if not path.is_file() or (skip and path.name in skip):
             continue
         target = dst / path.relative_to(src)
+        if not replace and target.exists():
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
         moved += 1

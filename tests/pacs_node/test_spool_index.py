@@ -181,3 +181,23 @@ def test_index_is_wal_full_sync_and_thread_safe(tmp_path, store):
     reopened = Index(tmp_path / "data" / "index.sqlite")
     assert reopened.study(study.study_uid)["instance_count"] == 12
     reopened.close()
+
+
+def test_restore_keeps_an_instance_received_again_after_the_quarantine(tmp_path, store):
+    spool, index, ingest = store
+    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
+    for f in study.files:
+        ingest.store(f.read_bytes(), source="t")
+    q = spool.quarantine(study.study_uid, "bad PET")
+    corrected = dcmread(study.ct_files[0])
+    corrected.ImageComments = "CORRECTED VERSION"
+    path = tmp_path / "corrected.dcm"
+    corrected.save_as(path)
+    ingest.store(path.read_bytes(), source="t")
+    assert spool.restore(study.study_uid) == 2
+    spooled = [dcmread(p) for p in spool.study_files(study.study_uid)]
+    assert len(spooled) == 3
+    again = [ds for ds in spooled if ds.SOPInstanceUID == corrected.SOPInstanceUID]
+    assert [ds.get("ImageComments") for ds in again] == ["CORRECTED VERSION"]
+    kept = list(q.rglob("*.dcm"))  # the older copy stays in quarantine, not deleted
+    assert len(kept) == 1 and dcmread(kept[0]).SOPInstanceUID == corrected.SOPInstanceUID
