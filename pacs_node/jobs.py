@@ -109,10 +109,18 @@ class JobQueue:
         return job_id
 
     def claim(self) -> Job | None:
-        """Take the oldest queued job (-> running, attempts + 1), or None."""
+        """Take the oldest queued job (-> running, attempts + 1), or None.
+
+        A job whose study already has a running job waits: two jobs of one study would
+        share its spool folder and results, and one's quarantine would take the other's inputs.
+        """
         now = time.time()
         with self.index.write() as con:
-            row = con.execute("SELECT id FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
+            row = con.execute(
+                "SELECT id FROM jobs AS q WHERE state='queued' AND NOT EXISTS "
+                "(SELECT 1 FROM jobs AS r WHERE r.study_uid=q.study_uid AND r.state='running') "
+                "ORDER BY id LIMIT 1"
+            ).fetchone()
             if not row:
                 return None
             con.execute(

@@ -129,3 +129,16 @@ def test_export_permanent_failure_fails_at_once(tmp_path, store, listener):
     assert row["state"] == "failed" and row["attempts"] == 1
     assert "does not accept SOP class" in row["reason"]
     assert jobs.job(job_id).state == "failed"
+
+
+def test_a_study_runs_one_job_at_a_time(tmp_path, store):
+    spool, index, ingest = store
+    jobs = JobQueue(index)
+    first = jobs.enqueue("1.2.3", 1)
+    assert jobs.claim().id == first
+    second = jobs.enqueue("1.2.3", 2)  # a late instance while the first job runs
+    other = jobs.enqueue("1.2.4", 1)
+    assert jobs.claim().id == other  # the study's second job waits for its first
+    assert jobs.claim() is None
+    jobs.fail(first, "bad input")
+    assert jobs.claim().id == second
