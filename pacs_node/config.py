@@ -191,6 +191,10 @@ def load_config(path: Path | None) -> NodeConfig:
     return cfg
 
 
+#: Smallest listener.max_pdu accepted (bytes).
+MIN_MAX_PDU = 4096
+
+
 def validate_config(cfg: NodeConfig) -> None:
     """Check values that types alone cannot."""
     if not AE_TITLE_RE.match(cfg.listener.ae_title):
@@ -198,6 +202,9 @@ def validate_config(cfg: NodeConfig) -> None:
     for aet in cfg.listener.allow_aet:
         if not AE_TITLE_RE.match(aet):
             raise ConfigError(f"listener.allow_aet entry {aet!r} is not a valid AE title")
+    if cfg.listener.max_pdu < MIN_MAX_PDU:
+        raise ConfigError(f"listener.max_pdu must be at least {MIN_MAX_PDU} bytes, got {cfg.listener.max_pdu} "
+                          f"(0, unlimited, is not offered: the node bounds what a peer may send)")
     if cfg.spool.stable_age_s < 0:
         raise ConfigError("spool.stable_age_s must be >= 0")
     if not 1 <= cfg.spool.journal_segment_mb <= 1024:

@@ -59,6 +59,7 @@ roi_color = [0, 255, 0]
         ("[listener]\nbogus = 1\n", "unknown key"),
         ("[listener]\nae_title = 'WAY_TOO_LONG_AE_TITLE'\n", "not a valid AE title"),
         ("[listener.tls]\nenabled = true\n", "needs listener.tls.cert"),
+        ("[listener]\nmax_pdu = 0\n", "max_pdu must be at least 4096"),
         ("[processing]\nregister = 'sometimes'\n", "register must be"),
         ("[processing]\nthreshold = 1.5\n", "threshold must lie strictly between 0 and 1"),
         ("[processing]\nthreshold = 'high'\n", "threshold must lie strictly between 0 and 1"),
