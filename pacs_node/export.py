@@ -3,14 +3,15 @@
 Transient failures (connection refused, timeouts, 0xA7xx, HTTP 5xx/429/408)
 raise :class:`TransientExportError` and are retried with capped exponential
 backoff; permanent ones (association rejected permanently, SOP class not
-supported, 0xA9xx/0x0122/0xCxxx, HTTP 4xx) raise :class:`PermanentExportError`
-at once.
+supported, 0xA9xx/0x0122/0xCxxx, HTTP 4xx, a TLS certificate that fails
+verification) raise :class:`PermanentExportError` at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import time
 import urllib.error
@@ -76,7 +77,26 @@ def _associate(ae: AE, dest: Destination, tls: TlsConfig | None):
     if rejected:
         names = sorted({str(cx.abstract_syntax.name) for cx in rejected})
         raise PermanentExportError(f"{where} does not accept SOP class(es) {', '.join(names)}")
+    if dest.tls:
+        problem = _certificate_problem(dest, tls, ae.connection_timeout)
+        if problem:
+            raise PermanentExportError(f"{where}: TLS certificate check failed ({problem}); {_CA_HINT}")
     raise TransientExportError(f"cannot connect to {where} (refused, unreachable or timed out)")
+
+
+_CA_HINT = "set export.tls.ca to the CA that signed the destination's certificate"
+
+
+def _certificate_problem(dest: Destination, tls: TlsConfig | None, timeout: float | None) -> str | None:
+    """Why the destination's certificate fails verification, or None (it passes, or no connection)."""
+    try:
+        with socket.create_connection((str(dest.host), int(dest.port)), timeout=timeout or 10.0) as raw:
+            with client_context(tls).wrap_socket(raw, server_hostname=str(dest.host)):
+                return None
+    except ssl.SSLCertVerificationError as exc:
+        return str(exc.verify_message or exc)
+    except (OSError, ssl.SSLError):
+        return None
 
 
 def classify_status(status: int) -> str:
@@ -141,8 +161,13 @@ def send_dicomweb(dest: Destination, files: list[Path], timeout: float = 30.0,
             status, payload = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, payload = exc.code, exc.read()
-    except (TimeoutError, urllib.error.URLError, ConnectionError, ssl.SSLError, OSError) as exc:
-        raise TransientExportError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            problem = exc.reason.verify_message or exc.reason
+            raise PermanentExportError(f"{url}: TLS certificate check failed ({problem}); {_CA_HINT}") from None
+        raise TransientExportError(f"cannot reach {url}: {exc.reason}") from None
+    except (TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
+        raise TransientExportError(f"cannot reach {url}: {exc}") from None
     if status in (200, 201):
         return uids
     text = payload[:300].decode("utf-8", "replace")

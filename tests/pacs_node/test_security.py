@@ -6,8 +6,14 @@ import pytest
 from nodetest_helpers import echoscu, make_pki, make_study
 from pydicom import dcmread
 
-from pacs_node.config import Destination, ListenerConfig, TlsConfig
-from pacs_node.export import EchoError, echo_peer, send_dimse
+from pacs_node.config import Destination, ExportConfig, ListenerConfig, TlsConfig
+from pacs_node.export import (
+    EchoError,
+    PermanentExportError,
+    echo_peer,
+    send_dimse,
+    send_with_retries,
+)
 from pacs_node.listener import Listener
 
 pytestmark = pytest.mark.peers
@@ -59,6 +65,22 @@ def test_tls_client_certificate_required(store, pki, tmp_path):
         sent = send_dimse(dest, study.files, "IGTV", timeout=10, tls=good)
         stored = {dcmread(p).SOPInstanceUID for p in lst.ingest.spool.study_files(study.study_uid)}
         assert stored == set(sent) and len(sent) == 3
+    finally:
+        lst.stop()
+
+
+def test_tls_export_to_an_untrusted_certificate_is_permanent_and_names_it(store, pki, tmp_path):
+    lst = _tls_listener(store, pki, require_client_cert=False)
+    other = make_pki(tmp_path / "other")  # the node trusts another CA than the one that signed the peer
+    dest = Destination(name="tls", kind="dimse", ae_title="IGTV", host="127.0.0.1", port=lst.port, tls=True)
+    cfg = ExportConfig(max_attempts=3, backoff_initial_s=0.01, tls=TlsConfig(ca=other.ca))
+    sleeps = []
+    try:
+        study = make_study(tmp_path / "s", n_ct=1, n_pet=0)
+        with pytest.raises(PermanentExportError, match="certificate check failed.*export.tls.ca"):
+            send_with_retries(dest, study.files, cfg, "IGTV", sleep=sleeps.append)
+        assert sleeps == []  # not retried
+        assert lst.ingest.spool.study_files(study.study_uid) == []
     finally:
         lst.stop()
 
