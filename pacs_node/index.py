@@ -12,6 +12,7 @@ at startup. The schema version lives in ``PRAGMA user_version``.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 from pipeline.errors import IgtvError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -94,12 +95,18 @@ CREATE TABLE IF NOT EXISTS exports (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS exports_state ON exports(state, next_at);
+CREATE TABLE IF NOT EXISTS node_secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL               -- random bytes made by this node, never shown
+);
 """
 
 # Statements that bring an index of version N to version N + 1.
 _MIGRATIONS = {
     1: "ALTER TABLE jobs ADD COLUMN stage TEXT; ALTER TABLE jobs ADD COLUMN stage_fraction REAL; "
        "ALTER TABLE jobs ADD COLUMN stage_timings TEXT;",
+    # patient hashes made before the node had a key can be reversed by hashing candidate IDs
+    2: "UPDATE studies SET patient_hash=NULL;",
 }
 
 
@@ -151,6 +158,17 @@ class Index:
             # a new file gets the current schema; an older one its missing migrations
             steps = "".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)) if version else ""
             con.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{steps}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+
+    def secret(self, name: str) -> bytes:
+        """This node's random secret ``name`` (32 bytes, made on first use and kept in the index)."""
+        con = self.connection()
+        row = con.execute("SELECT value FROM node_secrets WHERE name=?", (name,)).fetchone()
+        if row is None:
+            with self.write() as wcon:
+                wcon.execute("INSERT OR IGNORE INTO node_secrets(name, value) VALUES(?, ?)",
+                             (name, secrets.token_bytes(32)))
+            row = con.execute("SELECT value FROM node_secrets WHERE name=?", (name,)).fetchone()
+        return bytes(row[0])
 
     # -- connections --------------------------------------------------------------
     def connection(self) -> sqlite3.Connection:

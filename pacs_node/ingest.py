@@ -15,6 +15,7 @@ committed without an fsync of its own, and should a power loss take it,
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import sqlite3
@@ -92,13 +93,13 @@ class InstanceHeader:
     transfer_syntax: str
     meta_sop_uid: str
 
-    def record(self, path: Path, size: int, source: str) -> InstanceRecord:
-        """The index row of this instance stored at ``path`` (the patient ID only as a hash)."""
+    def record(self, path: Path, size: int, source: str, patient_key: bytes) -> InstanceRecord:
+        """The index row of this instance stored at ``path`` (the patient ID only as a keyed hash)."""
         return InstanceRecord(
             study_uid=self.study_uid, series_uid=self.series_uid, sop_uid=self.sop_uid,
             sop_class_uid=self.sop_class_uid, transfer_syntax=self.transfer_syntax, modality=self.modality,
             series_description=self.series_description, path=str(path), size=int(size), source=source,
-            patient_hash=patient_hash(self.patient_id), study_date=self.study_date,
+            patient_hash=patient_hash(self.patient_id, patient_key), study_date=self.study_date,
         )
 
 
@@ -128,11 +129,19 @@ def read_header(source: BinaryIO | Path) -> InstanceHeader:
                              STATUS_CANNOT_UNDERSTAND) from None
 
 
-def patient_hash(patient_id: str) -> str:
-    """Short one-way hash of a patient ID for de-identified display and logs."""
+#: Name of the index secret that keys patient hashes.
+PATIENT_KEY = "patient_hash"
+
+
+def patient_hash(patient_id: str, key: bytes) -> str:
+    """Short keyed hash (HMAC-SHA256) of a patient ID for de-identified display.
+
+    Keyed with the node's secret, so it cannot be reversed by hashing candidate
+    IDs (patient IDs are short numbers); it still groups one patient's studies.
+    """
     if not patient_id:
         return ""
-    return hashlib.sha256(patient_id.encode("utf-8", "replace")).hexdigest()[:12]
+    return hmac.new(key, patient_id.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:12]
 
 
 class Ingest:
@@ -338,8 +347,9 @@ class Ingest:
         """Index spooled instances (one transaction); a study's first instance emits ``study_received``."""
         studies = {h.study_uid for h, _, _ in items}  # usually one: ask the index once per study, not per item
         unseen = {uid for uid in studies if self.index.study_instance_count(uid) == 0}
+        key = self.index.secret(PATIENT_KEY)
         news = self.index.record_instances(
-            [(header.record(inst.path, inst.size, source), inst.changed) for header, inst, source in items])
+            [(header.record(inst.path, inst.size, source, key), inst.changed) for header, inst, source in items])
         for (header, _, source), new in zip(items, news, strict=True):
             if new and header.study_uid in unseen:
                 unseen.discard(header.study_uid)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacs_node.index import Index
-from pacs_node.ingest import IngestRejected, read_header
+from pacs_node.ingest import PATIENT_KEY, IngestRejected, read_header
 from pacs_node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def reconcile_spool(spool: Spool, index: Index) -> ReconcileReport:
         if (header.study_uid, header.series_uid, header.sop_uid) != (study_uid, series_uid, sop_uid):
             report.unreadable.append((path, "the header's study, series or SOP Instance UID does not match the path"))
             continue
-        index.record_instance(header.record(path, path.stat().st_size, RECONCILED_SOURCE))
+        index.record_instance(header.record(path, path.stat().st_size, RECONCILED_SOURCE, index.secret(PATIENT_KEY)))
         known.add(sop_uid)
         report.indexed.append(path)
     report.seconds = time.monotonic() - start

@@ -18,7 +18,7 @@ from pacs_node.audit import AuditLog
 from pacs_node.dashboard import Dashboard, report_numbers
 from pacs_node.http import HttpServer, Router
 from pacs_node.index import Index, InstanceRecord
-from pacs_node.ingest import patient_hash
+from pacs_node.ingest import PATIENT_KEY, patient_hash
 from pacs_node.jobs import JobQueue
 from pacs_node.metrics import NodeMetrics
 from pipeline.writers.report import build_report
@@ -77,7 +77,7 @@ def _record(index: Index, study: str, series: str, modality: str, n: int, sop_cl
                 study_uid=study, series_uid=series, sop_uid=f"{series}.{i + 1}", sop_class_uid=sop_class,
                 transfer_syntax="1.2.840.10008.1.2.1", modality=modality, series_description=f"{modality} test",
                 path=f"/spool/{series}.{i + 1}.dcm", size=1000, source="dimse:TEST",
-                patient_hash=patient_hash(PATIENT_ID), study_date="20250131",
+                patient_hash=patient_hash(PATIENT_ID, index.secret(PATIENT_KEY)), study_date="20250131",
             )
         )
 
@@ -159,7 +159,8 @@ def test_studies_are_de_identified(node: DashboardNode) -> None:
     assert PATIENT_ID.encode() not in raw and b"Test^" not in raw
     studies = {s["study_uid"]: s for s in json.loads(raw)["studies"]}
     s = studies[STUDY]
-    assert s["patient"] == hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]
+    assert s["patient"] == patient_hash(PATIENT_ID, node.index.secret(PATIENT_KEY))
+    assert s["patient"] != hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]  # keyed, not reversible
     assert s["study_date"] == "20250131"
     assert s["modalities"] == ["CT", "PT"] and s["instances"] == 5
     assert s["latest_job"]["id"] == node.done_job and s["latest_job"]["state"] == "done"

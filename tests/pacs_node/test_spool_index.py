@@ -201,3 +201,26 @@ def test_restore_keeps_an_instance_received_again_after_the_quarantine(tmp_path,
     assert [ds.get("ImageComments") for ds in again] == ["CORRECTED VERSION"]
     kept = list(q.rglob("*.dcm"))  # the older copy stays in quarantine, not deleted
     assert len(kept) == 1 and dcmread(kept[0]).SOPInstanceUID == corrected.SOPInstanceUID
+
+
+def test_patient_hash_is_keyed_per_node_and_stable(tmp_path):
+    from pacs_node.ingest import PATIENT_KEY, patient_hash
+
+    one, other = Index(tmp_path / "a.sqlite"), Index(tmp_path / "b.sqlite")
+    key = one.secret(PATIENT_KEY)
+    assert len(key) == 32 and key == Index(tmp_path / "a.sqlite").secret(PATIENT_KEY)  # kept across restarts
+    assert patient_hash("12345", key) != patient_hash("12345", other.secret(PATIENT_KEY))
+    assert patient_hash("12345", key) == patient_hash("12345", key) and patient_hash("", key) == ""
+
+
+def test_schema_2_index_drops_its_unkeyed_patient_hashes(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "index.sqlite"
+    Index(path).connection().execute(
+        "INSERT INTO studies(study_uid, patient_hash, first_received, last_received) VALUES('1.2.3', 'abc', 0, 0)")
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA user_version = 2")
+    con.commit()
+    con.close()
+    assert Index(path).study("1.2.3")["patient_hash"] is None
