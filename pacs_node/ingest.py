@@ -311,8 +311,15 @@ class Ingest:
             raise IngestRejected(
                 f"instance {sop!r} belongs to study {study!r}, not {expected_study!r}", STATUS_DATASET_MISMATCH
             )
+        known = self.index.instance(sop) if sop else None
+        if known and (known["study_uid"], known["series_uid"]) != (study, header.series_uid):
+            raise IngestRejected(
+                f"SOP Instance UID {sop} is already stored in series {known['series_uid']} of study "
+                f"{known['study_uid']}; an instance cannot move to series {header.series_uid} of study {study} "
+                f"(send it with a new SOP Instance UID)", STATUS_DATASET_MISMATCH,
+            )
         count = self.index.study_instance_count(study) if study else 0
-        if count >= self.max_instances_per_study and not (sop and self.index.instance(sop)):
+        if count >= self.max_instances_per_study and not known:
             raise IngestRejected(
                 f"study {study} already holds {count} instances (limit {self.max_instances_per_study})",
                 STATUS_OUT_OF_RESOURCES,

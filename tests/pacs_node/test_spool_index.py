@@ -89,6 +89,23 @@ def test_duplicates_are_idempotent(tmp_path, store):
         == "corrected"
 
 
+def test_an_instance_resent_in_another_series_is_refused_and_the_stored_one_kept(tmp_path, store):
+    spool, index, ingest = store
+    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
+    for f in study.files:
+        ingest.store(f.read_bytes(), source="test")
+    moved = dcmread(study.ct_files[0])
+    old_series = moved.SeriesInstanceUID
+    moved.SeriesInstanceUID = old_series + ".9"
+    path = tmp_path / "moved.dcm"
+    moved.save_as(path)
+    with pytest.raises(IngestRejected, match="already stored in series") as exc:
+        ingest.store(path.read_bytes(), source="test")
+    assert exc.value.status == STATUS_DATASET_MISMATCH
+    assert index.instance(moved.SOPInstanceUID)["series_uid"] == old_series
+    assert len(spool.study_files(study.study_uid)) == 3 and index.study(study.study_uid)["instance_count"] == 3
+
+
 def test_instance_with_path_uid_is_refused_by_ingest(tmp_path, store):
     spool, index, ingest = store
     study = make_study(tmp_path / "s", n_ct=1, n_pet=0)
