@@ -15,10 +15,54 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
+
+
+class BodyTooLargeError(ValueError):
+    """A request body exceeds the server's limit."""
+
+
+def read_chunked(rfile: BinaryIO, limit: int) -> bytes:
+    """Read an HTTP/1.1 chunked body (RFC 9112 section 7.1) of at most ``limit`` bytes.
+
+    Chunk extensions and trailer fields are read and ignored.
+
+    Raises
+    ------
+    BodyTooLargeError
+        The chunks add up to more than ``limit`` bytes.
+    ValueError
+        The framing is malformed or the connection ends early.
+    """
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        line = rfile.readline(1026)
+        if not line.endswith(b"\r\n"):
+            raise ValueError("chunk size line missing or too long")
+        size_text = line[:-2].split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+            raise ValueError(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise BodyTooLargeError(f"chunked body exceeds {limit} bytes")
+        data = rfile.read(size)
+        if len(data) != size or rfile.read(2) != b"\r\n":
+            raise ValueError("chunk shorter than its size, or not followed by CRLF")
+        parts.append(data)
+    for _ in range(100):  # trailer fields, up to the empty line
+        line = rfile.readline(8192)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(parts)
+        if not line.endswith(b"\n"):
+            raise ValueError("trailer section not terminated")
+    raise ValueError("too many trailer fields")
 
 
 @dataclass
@@ -151,24 +195,33 @@ class HttpServer:
         split = urlsplit(h.path)
         headers = {k.lower(): v for k, v in h.headers.items()}
         route, params, known = self.router.match(h.command, split.path)
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         try:
-            length = int(headers.get("content-length", "0") or 0)
+            length = 0 if chunked else int(headers.get("content-length", "0") or 0)
         except ValueError:
             length = -1
-        if length < 0 or "chunked" in headers.get("transfer-encoding", "").lower():
+        if length < 0:
             return self._send(h, Response.text("Content-Length required\n", 411), close=True)
         if length > self.max_body:
             return self._send(h, Response.text(f"body larger than {self.max_body} bytes\n", 413), close=True)
         if route is None:
             h.rfile.read(length)
             return self._send(h, Response.text("not found\n" if not known else "method not allowed\n",
-                                               404 if not known else 405))
+                                               404 if not known else 405), close=chunked)
         if route.auth and not self._authorised(headers):
             h.rfile.read(length) if length <= 16 * 1024**2 else None
             resp = Response.text("missing or wrong bearer token\n", 401)
             resp.headers["WWW-Authenticate"] = 'Bearer realm="igtv-node"'
-            return self._send(h, resp, close=length > 16 * 1024**2)
-        body = h.rfile.read(length) if length else b""
+            return self._send(h, resp, close=chunked or length > 16 * 1024**2)
+        if chunked:
+            try:
+                body = read_chunked(h.rfile, self.max_body)
+            except BodyTooLargeError:
+                return self._send(h, Response.text(f"body larger than {self.max_body} bytes\n", 413), close=True)
+            except ValueError as exc:
+                return self._send(h, Response.text(f"malformed chunked body: {exc}\n", 400), close=True)
+        else:
+            body = h.rfile.read(length) if length else b""
         request = Request(h.command, split.path, params, parse_qs(split.query), headers, body, h.client_address[0])
         try:
             response = route.handler(request)

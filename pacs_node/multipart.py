@@ -26,7 +26,9 @@ class Part:
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-_BOUNDARY_RE = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+#: RFC 2046 boundary characters. RFC 2046 allows at most 70 of them, but Orthanc's DICOMweb
+#: client sends 73, so up to 200 are accepted.
+_BOUNDARY_RE = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,199}[0-9A-Za-z'()+_,\-./:=?]$")
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -74,7 +76,7 @@ def parse_related(body: bytes, content_type: str, max_parts: int = 10000) -> tup
     if not boundary:
         raise MultipartError("Content-Type has no boundary parameter")
     if not _BOUNDARY_RE.match(boundary):
-        raise MultipartError(f"boundary {boundary[:80]!r} is invalid (1-70 characters of the RFC 2046 set)")
+        raise MultipartError(f"boundary {boundary[:80]!r} is invalid (1-200 characters of the RFC 2046 set)")
     delim = b"--" + boundary.encode("ascii")
     # The first delimiter may start the body or follow a preamble ending in CRLF.
     if body.startswith(delim):

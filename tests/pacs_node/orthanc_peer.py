@@ -55,7 +55,8 @@ def dicomweb_plugin() -> str:
 class Orthanc:
     """Orthanc started with a generated configuration; ``stop()`` ends it."""
 
-    def __init__(self, folder: Path, node_aet: str, node_port: int, stable_age: int = 1) -> None:
+    def __init__(self, folder: Path, node_aet: str, node_port: int, stable_age: int = 1,
+                 dicomweb_servers: dict | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
         self.aet = "ORTHANC"
@@ -76,7 +77,7 @@ class Orthanc:
             "DicomModalities": {"igtv": [node_aet, "127.0.0.1", node_port]},
             "LuaScripts": [str(folder / "route.lua")],
             "Plugins": [dicomweb_plugin()],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers or {}},
             "HttpTimeout": 20,
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))

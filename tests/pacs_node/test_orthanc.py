@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 
@@ -83,3 +84,28 @@ def test_orthanc_routes_study_and_receives_results(tmp_path, orthanc_and_node):
              what="Orthanc to route the study again")
     time.sleep(2)  # longer than the node's stable age
     assert [j.state for j in node.jobs.jobs_of_study(study.study_uid)] == ["done"]
+
+
+def test_orthanc_stow_client_sends_a_study_to_the_node(tmp_path, node_factory):
+    """Orthanc's DICOMweb client sends with chunked transfer encoding (its default)."""
+    from nodetest_helpers import free_port
+
+    http_port, token = free_port(), "orthanc-token"
+    server = {"Url": f"http://127.0.0.1:{http_port}/dicomweb/",
+              "HttpHeaders": {"Authorization": f"Bearer {token}"}, "ChunkedTransfers": True}
+    # the node refuses Orthanc's C-STORE route (allow list), so the study can only come by STOW-RS
+    node = node_factory(node_config(tmp_path / "data", http__port=http_port, http__token=token,
+                                    listener__allow_aet=["NOBODY"]))
+    orthanc = Orthanc(tmp_path / "orthanc", node_aet="IGTV", node_port=node.listener.port,
+                      dicomweb_servers={"igtv": server})
+    try:
+        study = make_study(tmp_path / "s", n_ct=3, n_pet=2)
+        ids = {orthanc.upload(path)["ParentStudy"] for path in study.files}
+        answer = orthanc.request("POST", "/dicom-web/servers/igtv/stow",
+                                 json.dumps({"Resources": sorted(ids), "Synchronous": True}).encode())
+        assert isinstance(answer, dict), answer
+        rows = node.index.query("SELECT source FROM instances WHERE study_uid=?", (study.study_uid,))
+        assert len(rows) == 5 and all(r["source"].startswith("stow") for r in rows)
+        assert len(node.spool.study_files(study.study_uid)) == 5
+    finally:
+        orthanc.stop()

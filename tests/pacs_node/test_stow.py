@@ -98,7 +98,7 @@ def test_multipart_parser():
     assert parts[0].content_type == "application/dicom"
     for bad_body, bad_type, message in [
         (raw, "multipart/related", "no boundary"),
-        (raw, "multipart/related; boundary=" + "x" * 71, "invalid"),
+        (raw, "multipart/related; boundary=" + "x" * 201, "invalid"),
         (raw, "multipart/related; boundary=zz", "does not contain"),
         (b"--b1\r\nContent-Type: a\r\n\r\nAAA", "multipart/related; boundary=b1", "no closing boundary"),
         (b"--b1\r\nBroken header\r\n\r\nAAA\r\n--b1--", "multipart/related; boundary=b1", "malformed header"),
@@ -132,3 +132,31 @@ def test_dicomweb_export_to_our_stow_and_failure_classes(tmp_path, stow_node):
     with pytest.raises(TransientExportError, match="cannot reach"):
         send_dicomweb(Destination(name="b", kind="dicomweb", url=f"http://127.0.0.1:{busy.port}/dw"),
                       study.files, timeout=5)
+
+
+def test_chunked_bodies_are_decoded_within_the_limit():
+    import io
+
+    from pacs_node.http import BodyTooLargeError, read_chunked
+
+    framed = b"4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nExpires: never\r\n\r\n"
+    assert read_chunked(io.BytesIO(framed), 100) == b"Wikipedia"
+    with pytest.raises(BodyTooLargeError):
+        read_chunked(io.BytesIO(framed), 8)
+    for bad in (b"zz\r\nWiki\r\n0\r\n\r\n", b"0x4\r\nWiki\r\n0\r\n\r\n", b"9\r\nWiki\r\n0\r\n\r\n", b"4\r\nWiki"):
+        with pytest.raises(ValueError):
+            read_chunked(io.BytesIO(bad), 100)
+
+
+def test_stow_with_chunked_transfer_encoding(tmp_path, stow_node):
+    import http.client
+
+    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
+    body, ctype = encode_related([p.read_bytes() for p in study.files])
+    con = http.client.HTTPConnection("127.0.0.1", stow_node.http_port, timeout=20)
+    chunks = (body[i:i + 1000] for i in range(0, len(body), 1000))
+    con.request("POST", "/dicomweb/studies", body=chunks, encode_chunked=True,
+                headers={"Content-Type": ctype, "Authorization": f"Bearer {TOKEN}", "Transfer-Encoding": "chunked"})
+    resp = con.getresponse()
+    assert resp.status == 200, resp.read()
+    assert len(stow_node.spool.study_files(study.study_uid)) == 3
