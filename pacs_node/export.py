@@ -64,7 +64,11 @@ def _tls_args(dest: Destination, tls: TlsConfig | None) -> tuple[ssl.SSLContext,
 def _associate(ae: AE, dest: Destination, tls: TlsConfig | None):
     """Associate or raise the right kind of error."""
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    assoc = ae.associate(str(dest.host), int(dest.port), ae_title=str(dest.ae_title), tls_args=_tls_args(dest, tls))
+    try:
+        assoc = ae.associate(str(dest.host), int(dest.port), ae_title=str(dest.ae_title),
+                             tls_args=_tls_args(dest, tls))
+    except socket.gaierror as exc:  # DNS down or the name unknown: may pass
+        raise TransientExportError(f"cannot resolve the host of {where}: {exc.strerror}") from None
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:

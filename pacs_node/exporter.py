@@ -84,6 +84,10 @@ class Exporter:
             self._fail(row["id"], str(exc), what)
             log.error("export of job %d to %s failed: %s", row["job_id"], dest.name, exc)
             return
+        except Exception as exc:  # a bug or a broken destination: record it once instead of looping on it
+            self._fail(row["id"], f"unexpected {type(exc).__name__}: {exc}", what)
+            log.exception("export of job %d to %s failed unexpectedly", row["job_id"], dest.name)
+            return
         seconds = time.perf_counter() - start
         self.events.emit("export_sent", sop_uids=sent, seconds=seconds, study_uid=job.study_uid,
                          target=dest.url or f"{dest.ae_title}@{dest.host}:{dest.port}", **what)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from nodetest_helpers import make_study
 
 from pacs_node.completion import scan_once
@@ -142,3 +143,26 @@ def test_a_study_runs_one_job_at_a_time(tmp_path, store):
     assert jobs.claim() is None
     jobs.fail(first, "bad input")
     assert jobs.claim().id == second
+
+
+def test_an_unexpected_export_error_is_recorded_once_not_looped_on(tmp_path, store):
+    spool, index, ingest = store
+    jobs = JobQueue(index)
+    broken = Destination(name="broken", kind="dimse", ae_title=None, host="127.0.0.1", port=None)
+    cfg = ExportConfig(destinations=[broken], max_attempts=5, backoff_initial_s=1, timeout_s=3)
+    job_id = _job_with_outputs(jobs, tmp_path, ["broken"])
+    exporter = Exporter(jobs, cfg, "IGTV")
+    assert exporter.run_due() == 1
+    (row,) = jobs.exports_of_job(job_id)
+    assert row["state"] == "failed" and row["reason"].startswith("unexpected TypeError")
+    assert jobs.job(job_id).state == "failed"
+    assert exporter.run_due(time.time() + 1000) == 0
+
+
+def test_an_unknown_host_is_a_transient_export_failure(tmp_path):
+    from pacs_node.export import TransientExportError, send_dimse
+
+    study = make_study(tmp_path / "s", n_ct=1, n_pet=0)
+    dest = Destination(name="x", kind="dimse", ae_title="PACS", host="no-such-host.invalid", port=104)
+    with pytest.raises(TransientExportError, match="cannot resolve the host"):
+        send_dimse(dest, study.files, "IGTV", timeout=5)
