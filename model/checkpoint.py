@@ -90,6 +90,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (CheckpointError when missing or unreadable)."""
     path = Path(path)
     mpath = metadata_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if not mpath.is_file():
         raise CheckpointError(f"checkpoint {path}: metadata file {mpath.name} is missing beside it")
     try:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from pacs_node.audit import AuditLog
 from pacs_node.completion import CompletionScanner
@@ -25,8 +28,44 @@ from pacs_node.reconcile import reconcile_spool
 from pacs_node.spool import Spool
 from pacs_node.stow import StowService
 from pacs_node.worker import WorkerPool
+from pipeline.errors import IgtvError
 
 log = logging.getLogger(__name__)
+
+#: The worker's process function whose model ``serve`` checks before it starts.
+PIPELINE_PROCESS = "pipeline.process:"
+
+
+class NodeStartError(IgtvError):
+    """The node cannot start: its data directory, a port, or its model is not usable."""
+
+
+def lock_data_dir(data: Path) -> TextIO:
+    """Create ``data`` and hold an exclusive lock on it for this process (released on exit).
+
+    Raises
+    ------
+    NodeStartError
+        The folder cannot be created, or another node holds it.
+    """
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        handle = open(data / "node.lock", "a+", encoding="ascii")
+    except OSError as exc:
+        raise NodeStartError(f"cannot use the data directory {data}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise NodeStartError(f"the data directory {data} is in use by another igtv-node (process {owner}); "
+                             f"stop it or give this one another --data-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 class NodeServer:
@@ -41,7 +80,11 @@ class NodeServer:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         data = Path(cfg.spool.data_dir)
-        data.mkdir(parents=True, exist_ok=True)
+        if cfg.worker.process_function.startswith(PIPELINE_PROCESS):
+            from pipeline.process import check_model
+
+            check_model(cfg.processing.checkpoint, cfg.processing.device)
+        self._lock = lock_data_dir(data)  # before the journal replay: one node per data directory
         self.data_dir = data
         self.events = NodeEvents()
         self.spool = Spool(data, cfg.spool.min_free_mb)
@@ -68,8 +111,13 @@ class NodeServer:
         StowService(self.ingest).register(self.router)
         self.router.add("GET", r"/health", self._health, auth=False)
         # a STOW body may carry a whole study: allow twice the largest instance, in memory
-        self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token,
-                               max_body=int(cfg.listener.max_instance_mb * 2 * 1024 * 1024))
+        try:
+            self.http = HttpServer(cfg.http.host, cfg.http.port, self.router, token=cfg.http.token,
+                                   max_body=int(cfg.listener.max_instance_mb * 2 * 1024 * 1024))
+        except OSError as exc:
+            self._lock.close()
+            raise NodeStartError(f"cannot listen for HTTP on {cfg.http.host}:{cfg.http.port} (http.port): "
+                                 f"{exc.strerror or exc}") from None
         calling_ae = cfg.export.calling_ae_title or cfg.listener.ae_title
         self.exporter = Exporter(self.jobs, cfg.export, calling_ae, events=self.events)
         self.workers = WorkerPool(
@@ -109,7 +157,15 @@ class NodeServer:
         self.workers.start()
         self.exporter.start()
         self.completion.start()
-        self.listener.start()
+        try:
+            self.listener.start()
+        except OSError as exc:
+            self._stop_parts((self.ingest, self.completion, self.workers, self.exporter))
+            self.http.server.server_close()  # bound, never served
+            self.index.close()
+            self._lock.close()
+            raise NodeStartError(f"cannot listen for DICOM on {self.cfg.listener.host}:{self.cfg.listener.port} "
+                                 f"(listener.port): {exc.strerror or exc}") from None
         self.http.start()
         self._started = True
         log.info("igtv-node ready: DIMSE %s@%s:%d, HTTP %s:%d, data in %s", self.cfg.listener.ae_title,
@@ -118,15 +174,21 @@ class NodeServer:
     def stop(self) -> None:
         """Stop accepting first, then background work; unfinished jobs resume on the next start."""
         if not self._started:
+            self._lock.close()
             return
         self._started = False
-        for part in (self.listener, self.http, self.ingest, self.completion, self.workers, self.exporter):
+        self._stop_parts((self.listener, self.http, self.ingest, self.completion, self.workers, self.exporter))
+        self.index.close()
+        self._lock.close()
+        log.info("igtv-node stopped")
+
+    @staticmethod
+    def _stop_parts(parts: tuple) -> None:
+        for part in parts:
             try:
                 part.stop()
             except Exception:
                 log.exception("stopping %s failed", type(part).__name__)
-        self.index.close()
-        log.info("igtv-node stopped")
 
 
 def run_server(cfg: NodeConfig) -> None:

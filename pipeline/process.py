@@ -211,6 +211,21 @@ def process_study(
     return result
 
 
+def check_model(checkpoint: Path | None, device: str) -> str:
+    """Check, without loading the weights, that a node can run ``checkpoint`` on ``device``.
+
+    Returns the model version. Raises the model's :class:`~pipeline.errors.IgtvError`
+    subclasses (checkpoint missing or unreadable, device unknown or unavailable), so
+    ``serve`` refuses to start instead of failing every study later.
+    """
+    from model.checkpoint import read_metadata, shipped_checkpoint_path
+    from model.device import resolve_device
+
+    resolve_device(device)
+    meta = read_metadata(Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path())
+    return str(meta.get("version", "unknown"))
+
+
 @functools.lru_cache(maxsize=2)
 def load_predictor(checkpoint: Path | None, device: str) -> object:
     """Load a checkpoint once per worker process (later studies reuse it)."""

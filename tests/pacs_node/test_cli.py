@@ -52,6 +52,14 @@ def test_serve_with_a_broken_config_explains_and_exits(tmp_path):
     assert "unknown key" in out.output
 
 
+def test_serve_with_a_file_as_data_dir_explains_and_exits(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = runner.invoke(app, ["serve", "--data-dir", str(afile), "--port", "0", "--http-port", "0"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert f"cannot use the data directory {afile}" in out.output
+
+
 def test_replay_of_a_missing_folder_exits_2(tmp_path):
     out = runner.invoke(app, ["replay", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert out.exit_code == 2

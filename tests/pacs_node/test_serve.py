@@ -150,3 +150,33 @@ def test_synthetic_study_with_rle_ct_through_storescu(tmp_path, node_factory, st
     job = _done_job(node, study_uid)
     assert job.state == "done", job.reason
     assert {dcmread(p).SOPInstanceUID for p in storescp.files()} == set(job.result_uids)
+
+
+def test_one_node_per_data_directory_and_ports_in_use_are_explained(tmp_path, node_factory):
+    from pacs_node.server import NodeServer, NodeStartError
+
+    data = tmp_path / "data"
+    first = node_factory(node_config(data))
+    with pytest.raises(NodeStartError, match="in use by another igtv-node"):
+        NodeServer(node_config(data))  # would replay the first node's journal
+    with pytest.raises(NodeStartError, match=r"cannot listen for DICOM .*\(listener\.port\)"):
+        NodeServer(node_config(tmp_path / "other", listener__port=first.dimse_port)).start()
+    with pytest.raises(NodeStartError, match=r"cannot listen for HTTP .*\(http\.port\)"):
+        NodeServer(node_config(tmp_path / "third", http__port=first.http_port))
+    first.stop()
+    node_factory(node_config(tmp_path / "other"))  # the failed starts left no lock behind
+    node_factory(node_config(data))
+
+
+def test_serve_refuses_a_missing_checkpoint_before_it_listens(tmp_path):
+    from pacs_node.server import NodeServer
+    from pipeline.errors import IgtvError
+
+    cfg = node_config(tmp_path / "data", worker__process_function="pipeline.process:process_study")
+    cfg.processing.checkpoint = tmp_path / "none.safetensors"
+    with pytest.raises(IgtvError, match="none.safetensors does not exist"):
+        NodeServer(cfg)
+    cfg.processing.checkpoint = None
+    cfg.processing.device = "gpu"
+    with pytest.raises(IgtvError, match="unknown device 'gpu'"):
+        NodeServer(cfg)
