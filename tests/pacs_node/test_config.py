@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from pacs_node.config import ConfigError, Destination, load_config, parse_aet_address
+from pacs_node.config import (
+    ConfigError,
+    Destination,
+    load_config,
+    parse_aet_address,
+    validate_config,
+)
 
 
 def test_defaults_without_a_file():
@@ -62,9 +68,54 @@ roi_color = [0, 255, 0]
         ("[listener]\nmax_pdu = 0\n", "max_pdu must be at least 4096"),
         ("[processing]\nregister = 'sometimes'\n", "register must be"),
         ("[processing]\nthreshold = 1.5\n", "threshold must lie strictly between 0 and 1"),
-        ("[processing]\nthreshold = 'high'\n", "threshold must lie strictly between 0 and 1"),
+        ("[processing]\nthreshold = 'high'\n", r"\[processing\] threshold must be a number, got a string"),
         ("[processing]\ndelineation_threshold = 0.0\n", "delineation_threshold must lie strictly between 0 and 1"),
         ("not toml at all [", "not valid TOML"),
+        # wrong value types name the key instead of passing through
+        ("[listener]\nallow_aet = 'ORTHANC'\n", r"^\[listener\] allow_aet must be a list of strings, got a string$"),
+        ("[listener]\nallow_aet = ['A', 1]\n", r"\[listener\] allow_aet must be a list of strings"),
+        ("[spool]\nstable_age_s = '30'\n", r"\[spool\] stable_age_s must be a number, got a string"),
+        ("[listener]\nport = 'abc'\n", r"\[listener\] port must be an integer, got a string"),
+        ("[listener]\nport = 104.0\n", r"\[listener\] port must be an integer, got a number"),
+        ("[worker]\nworkers = true\n", r"\[worker\] workers must be an integer, got a boolean"),
+        ("[spool]\njournal = 'yes'\n", r"\[spool\] journal must be true or false, got a string"),
+        ("[listener.tls]\ncert = 5\n", r"\[listener.tls\] cert must be a non-empty path, got an integer"),
+        ("[spool]\ndata_dir = ''\n", r"\[spool\] data_dir must be a non-empty path"),
+        ("[processing]\nroi_color = [255, 0]\n", r"\[processing\] roi_color must be a list of 3 integers"),
+        ("[processing]\nroi_color = [255, 0, 300]\n", "roi_color must be three integers 0-255"),
+        ("[processing]\nextra = { a = 1 }\n", r"\[processing\] extra must be a table of strings"),
+        ("[http]\ntoken = 123\n", r"\[http\] token must be a string, got an integer"),
+        ("listener = 'x'\n", r"\[listener\] must be a table, got a string"),
+        ("log_level = 'VERBOSE'\n", "log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'VERBOSE'"),
+        ("log_level = 20\n", "log_level must be a string, got an integer"),
+        # ports: 0 (any free port) to 65535
+        ("[listener]\nport = 99999\n", "listener.port must be between 0 and 65535"),
+        ("[listener]\nport = -1\n", "listener.port must be between 0 and 65535"),
+        ("[http]\nport = 65536\n", "http.port must be between 0 and 65535"),
+        ("[export]\ncalling_ae_title = 'BACK\\\\SLASH'\n", "calling_ae_title .* is not a valid AE title"),
+        # export destinations: kind, the keys each kind needs, unique names
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimse', host = 'x' }]\n",
+         r"export destination 'tps': ae_title must be a valid AE title, got None"),
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimse', ae_title = 'TPS', host = 'x' }]\n",
+         r"export destination 'tps': port must be between 1 and 65535, got None"),
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimse', ae_title = 'TPS', port = 104 }]\n",
+         "export destination 'tps': host is required"),
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimse', ae_title = 'TPS', host = 'x', port = 0 }]\n",
+         "export destination 'tps': port must be between 1 and 65535, got 0"),
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimse', ae_title = 'WAY_TOO_LONG_AE_TITLE', host = 'x', "
+         "port = 104 }]\n", "export destination 'tps': ae_title must be a valid AE title"),
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimsee', ae_title = 'TPS', host = 'x', port = 104 }]\n",
+         "export destination 'tps': kind must be dimse or dicomweb, got 'dimsee'"),
+        ("[export]\ndestinations = [{ name = 'web', kind = 'dicomweb' }]\n",
+         "export destination 'web': url must be an http:// or https:// URL, got None"),
+        ("[export]\ndestinations = [{ name = 'web', kind = 'dicomweb', url = 'ftp://pacs/dicomweb' }]\n",
+         "export destination 'web': url must be an http:// or https:// URL"),
+        ("[export]\ndestinations = [{ name = 'web', url = 'https://pacs' }]\n", r"\[export.destinations\] kind is required"),
+        ("[export]\ndestinations = [{ name = 'tps', kind = 'dimse', ae_title = 'TPS', host = 'x', port = '104' }]\n",
+         r"\[export.destinations\] port must be an integer, got a string"),
+        ("[export]\ndestinations = 'p=A@h:104'\n", r"\[export\] destinations must be a list of strings or tables"),
+        ("[export]\ndestinations = ['p=A@h:104', 'p=https://pacs/dicomweb']\n",
+         "export destination 'p' is defined twice"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, message):
@@ -88,3 +139,38 @@ def test_destination_parsing():
         with pytest.raises(ConfigError):
             Destination.parse(bad)
     assert parse_aet_address("AE@[::1]:104") == ("AE", "::1", 104)
+
+
+def test_values_of_the_right_type_are_converted(tmp_path):
+    p = tmp_path / "node.toml"
+    p.write_text("log_level = 'debug'\n[spool]\nstable_age_s = 5\n[listener]\nport = 0\n"
+                 "[listener.tls]\nca = ''\n[processing]\nthreshold = 0.4\nextra = { note = 'x' }\n", encoding="utf-8")
+    cfg = load_config(p)
+    assert cfg.spool.stable_age_s == 5.0 and isinstance(cfg.spool.stable_age_s, float)
+    assert cfg.listener.port == 0  # any free port
+    assert cfg.listener.tls.ca is None and cfg.processing.extra == {"note": "x"}
+
+
+def test_flag_values_go_through_the_same_checks():
+    """``serve`` puts flag values (--port, --http-port, --dest) into the config, then calls validate_config."""
+    cfg = load_config(None)
+    cfg.listener.port = 99999
+    with pytest.raises(ConfigError, match=r"listener.port must be between 0 and 65535 \(0: any free port\), got 99999"):
+        validate_config(cfg)
+    cfg = load_config(None)
+    cfg.http.port = 70000
+    with pytest.raises(ConfigError, match="http.port must be between 0 and 65535"):
+        validate_config(cfg)
+    cfg = load_config(None)
+    cfg.export.destinations = [Destination.parse("p=A@h:104"), Destination.parse("p=B@h:105")]
+    with pytest.raises(ConfigError, match="export destination 'p' is defined twice"):
+        validate_config(cfg)
+    cfg.export.destinations = [Destination.parse("p=A@h:104"), Destination.parse("q=https://pacs/dicomweb")]
+    validate_config(cfg)
+
+
+def test_a_dicomweb_url_loses_its_trailing_slash_from_a_table_too(tmp_path):
+    p = tmp_path / "node.toml"
+    p.write_text('[export]\ndestinations = [{ name = "web", kind = "dicomweb", url = "https://pacs/dicomweb/" }]\n')
+    assert load_config(p).export.destinations[0].url == "https://pacs/dicomweb"
+    assert Destination.parse("web=https://pacs/dicomweb/").url == "https://pacs/dicomweb"
