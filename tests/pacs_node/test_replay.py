@@ -43,4 +43,10 @@ def test_replay_bad_input_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in res.stdout + res.stderr
     assert len(study.files) == 3 and all(p.exists() for p in study.files)  # input untouched
     res = _cli(tmp_path, tmp_path / "nowhere", "--out", tmp_path / "out")
-    assert res.returncode == 2 and "not a folder" in res.stdout
+    assert res.returncode == 2 and "not a folder" in res.stderr
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = _cli(tmp_path, tmp_path / "study", "--out", afile)
+    assert res.returncode == 2 and "exists and is not a folder" in res.stderr
+    res = _cli(tmp_path, tmp_path / "study", "--out", tmp_path / "out", "--dest", "p=A@h:1", "--dest", "p=B@h:2")
+    assert res.returncode == 2 and "defined twice" in res.stderr
