@@ -10,10 +10,16 @@ Rules
    non-attenuation-corrected (NAC) PET or a non-image object (SEG, RTSTRUCT, SR, ...).
 2. Pairs (PET, CT) must share PatientID and StudyInstanceUID; if candidates exist
    for both modalities but no pair matches, :class:`PatientMismatchError`.
-3. Among matching pairs the choice is, in order of priority: same
+3. Among matching pairs the choice is, in order of priority: the PET covers
+   at least :data:`~pipeline.geometry.MIN_COVERAGE` of the CT slices, same
    FrameOfReferenceUID (no registration needed), most PET slices, most CT
    slices, closest acquisition times, lowest series numbers, then UIDs (so the
    choice is deterministic).
+4. Coverage is judged from the headers only (ImagePositionPatient and
+   ImageOrientationPatient, no pixel reads) and only when PET and CT share the
+   FrameOfReferenceUID; otherwise their coordinates are not comparable and the
+   pair is not ranked down (registration decides later). When every pair is
+   known to cover too little, :class:`CoverageError` names each CT considered.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from datetime import datetime
 
 import numpy as np
 
-from pipeline.errors import MissingCtError, MissingPetError, PatientMismatchError
+from pipeline.errors import CoverageError, MissingCtError, MissingPetError, PatientMismatchError
+from pipeline.geometry import MIN_COVERAGE
 from pipeline.reader import AXIAL_TOLERANCE_DEG, SeriesInfo
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -140,6 +147,75 @@ def _dt_seconds(a: SeriesInfo, b: SeriesInfo) -> float:
     return abs((ta - tb).total_seconds())
 
 
+def _slice_centres(s: SeriesInfo) -> np.ndarray | None:
+    """LPS centres (N, 3) of the slices of ``s`` from the headers; None when a slice lacks geometry."""
+    inst = [i for i in s.instances if i.has_pixel_data]
+    centres = []
+    for i in inst:
+        if i.position is None or i.orientation is None or i.pixel_spacing is None:
+            return None
+        if i.rows is None or i.columns is None:
+            return None
+        iop = np.asarray(i.orientation, dtype=np.float64)
+        row, col = iop[:3], iop[3:]
+        nrow, ncol = float(np.linalg.norm(row)), float(np.linalg.norm(col))
+        if nrow == 0.0 or ncol == 0.0:
+            return None
+        # Column index moves along the row direction by the column spacing (PixelSpacing[1]).
+        centre = (
+            np.asarray(i.position, dtype=np.float64)
+            + row / nrow * (i.columns - 1) / 2.0 * i.pixel_spacing[1]
+            + col / ncol * (i.rows - 1) / 2.0 * i.pixel_spacing[0]
+        )
+        centres.append(centre)
+    return np.asarray(centres) if centres else None
+
+
+def _normal(s: SeriesInfo) -> np.ndarray | None:
+    """Unit slice normal of ``s`` (candidates have one orientation); None when unknown."""
+    for i in s.instances:
+        if i.orientation is not None:
+            iop = np.asarray(i.orientation, dtype=np.float64)
+            normal = np.cross(iop[:3], iop[3:])
+            norm = float(np.linalg.norm(normal))
+            return normal / norm if norm > 0.0 else None
+    return None
+
+
+def header_coverage(pet: SeriesInfo, ct: SeriesInfo) -> float | None:
+    """Fraction of CT slices whose in-plane centre lies within the PET's slab along its normal.
+
+    The PET slab reaches half a slice step beyond its first and last slice, as in
+    :func:`pipeline.geometry.slice_coverage` (which also checks the in-plane
+    extent after the volumes are read). Only the headers are used.
+
+    Returns
+    -------
+    float or None
+        None when the series do not share a FrameOfReferenceUID (positions are
+        not comparable) or a slice lacks position/orientation/size.
+    """
+    if not pet.frame_of_reference_uid or pet.frame_of_reference_uid != ct.frame_of_reference_uid:
+        return None
+    normal = _normal(pet)
+    pet_pos = [i.position for i in pet.instances if i.has_pixel_data]
+    ct_centres = _slice_centres(ct)
+    if normal is None or ct_centres is None or not pet_pos or any(p is None for p in pet_pos):
+        return None
+    along = np.asarray(pet_pos, dtype=np.float64) @ normal
+    lo, hi = float(along.min()), float(along.max())
+    half = (hi - lo) / (len(along) - 1) / 2.0 if len(along) > 1 else 0.5
+    ct_along = ct_centres @ normal
+    inside = (ct_along >= lo - half) & (ct_along <= hi + half)
+    return float(np.count_nonzero(inside)) / len(ct_along)
+
+
+def _z_range(s: SeriesInfo) -> str:
+    """Patient z range (mm) of the slice positions of ``s``, for messages."""
+    z = [i.position[2] for i in s.instances if i.has_pixel_data and i.position is not None]
+    return f"{min(z):.0f}..{max(z):.0f}" if z else "?"
+
+
 def select_pet_ct(series: list[SeriesInfo], min_slices: int = MIN_SLICES) -> Selection:
     """Choose the attenuation-corrected PET and the CT to segment (rules in the module doc).
 
@@ -149,6 +225,10 @@ def select_pet_ct(series: list[SeriesInfo], min_slices: int = MIN_SLICES) -> Sel
         No candidate of that modality; the message lists what was skipped and why.
     PatientMismatchError
         PET and CT candidates exist but none share PatientID and StudyInstanceUID.
+    CoverageError
+        Every matching pair shares a FrameOfReferenceUID and the PET covers fewer
+        than ``MIN_COVERAGE`` of the CT slices (by header geometry); the message
+        names every CT series considered.
     """
     skipped: list[tuple[SeriesInfo, str]] = []
     pets: list[SeriesInfo] = []
@@ -187,10 +267,30 @@ def select_pet_ct(series: list[SeriesInfo], min_slices: int = MIN_SLICES) -> Sel
             f"(study {c.study_instance_uid}); route each patient's study separately"
         )
 
+    coverage = {(p.uid, c.uid): header_coverage(p, c) for p, c in pairs}
+
+    def too_little(p: SeriesInfo, c: SeriesInfo) -> bool:
+        cov = coverage[(p.uid, c.uid)]
+        return cov is not None and cov < MIN_COVERAGE
+
+    if all(too_little(p, c) for p, c in pairs):
+        rows = [
+            f"{p.label} covers only {coverage[(p.uid, c.uid)]:.0%} of the slices of {c.label} "
+            f"(CT z {_z_range(c)} mm, PET z {_z_range(p)} mm)"
+            for p, c in pairs
+        ]
+        considered = ", ".join(dict.fromkeys(c.label for _p, c in pairs))
+        raise CoverageError(
+            f"no PET/CT pair overlaps enough (at least {MIN_COVERAGE:.0%} of the CT slices must lie in the "
+            f"PET field of view): {'; '.join(rows)}; CT series considered: {considered}; "
+            f"send a PET and CT of the same body region"
+        )
+
     def rank(pair: tuple[SeriesInfo, SeriesInfo]) -> tuple:
         p, c = pair
         same_for = bool(p.frame_of_reference_uid) and p.frame_of_reference_uid == c.frame_of_reference_uid
         return (
+            too_little(p, c),
             not same_for,
             -p.n_images,
             -c.n_images,
@@ -210,14 +310,26 @@ def select_pet_ct(series: list[SeriesInfo], min_slices: int = MIN_SLICES) -> Sel
     ]
     if pet.frame_of_reference_uid == ct.frame_of_reference_uid:
         notes.append("PET and CT share the FrameOfReferenceUID: resampled by DICOM geometry")
+        chosen_cov = coverage[(pet.uid, ct.uid)]
+        if chosen_cov is not None:
+            notes.append(f"PET covers {chosen_cov:.0%} of the CT slices (header geometry)")
     else:
         notes.append("PET and CT have different FrameOfReferenceUIDs: registration needed")
     if len(pairs) > 1:
         notes.append(
-            "chosen by: same FrameOfReferenceUID, most PET slices, most CT slices, "
-            "closest acquisition time, lowest series numbers"
+            f"chosen by: PET covering at least {MIN_COVERAGE:.0%} of the CT slices, same FrameOfReferenceUID, "
+            "most PET slices, most CT slices, closest acquisition time, lowest series numbers"
         )
     for s in pets + cts:
         if s is not pet and s is not ct:
-            skipped.append((s, f"another {s.modality} candidate was preferred (see notes)"))
+            p, c = (s, ct) if s.modality == "PT" else (pet, s)
+            cov = coverage.get((p.uid, c.uid))
+            if cov is not None and cov < MIN_COVERAGE:
+                why = (
+                    f"PET covers only {cov:.0%} of the CT slices (at least {MIN_COVERAGE:.0%} needed); "
+                    f"another {s.modality} candidate was preferred (see notes)"
+                )
+            else:
+                why = f"another {s.modality} candidate was preferred (see notes)"
+            skipped.append((s, why))
     return Selection(pet=pet, ct=ct, skipped=skipped, notes=notes)

@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from pipeline import reader
-from pipeline.errors import MissingCtError, MissingPetError, PatientMismatchError
+from pipeline import geometry, reader
+from pipeline.errors import CoverageError, MissingCtError, MissingPetError, PatientMismatchError
 from pipeline.reader import InstanceInfo, SeriesInfo
-from pipeline.selection import CT_IMAGE_STORAGE, PET_IMAGE_STORAGE, reject_reason, select_pet_ct
+from pipeline.selection import (
+    CT_IMAGE_STORAGE,
+    PET_IMAGE_STORAGE,
+    header_coverage,
+    reject_reason,
+    select_pet_ct,
+)
+from tests.pipeline.conftest import PET_GRID, centred_grid, make_study
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -30,8 +37,10 @@ def series(
     corrected: tuple[str, ...] = ("ATTN", "DECY"),
     orientation: tuple[float, ...] = AXIAL,
     time: str = "110000",
+    spacing: float = 2.0,
+    z0: float = 0.0,
 ) -> SeriesInfo:
-    """A SeriesInfo as the scanner would produce, without files."""
+    """A SeriesInfo as the scanner would produce, without files (slices at z0 + k * spacing)."""
     if sop_class is None:
         sop_class = CT_IMAGE_STORAGE if modality == "CT" else PET_IMAGE_STORAGE
     info = SeriesInfo(
@@ -55,7 +64,7 @@ def series(
             path=Path(f"/nowhere/{info.uid}/{k}.dcm"),
             sop_instance_uid=generate_uid(),
             instance_number=k,
-            position=(0.0, 0.0, 2.0 * k),
+            position=(0.0, 0.0, z0 + spacing * k),
             orientation=orientation,
             rows=64,
             columns=64,
@@ -120,13 +129,63 @@ def test_rules_prefer_same_frame_then_more_slices_then_closer_time():
     assert sel.pet is pet_same
     assert any(s is pet_other and "preferred" in why for s, why in sel.skipped)
 
-    thin = series("CT", 400, frame="1.1", number=6)
+    thin = series("CT", 400, frame="1.1", number=6, spacing=1.0)
     assert select_pet_ct([ct, thin, pet_same]).ct is thin
 
     early = series("CT", 200, frame="1.1", number=2, time="090000")
     late = series("CT", 200, frame="1.1", number=7, time="105500")
     assert select_pet_ct([early, late, pet_same]).ct is late
     assert any("chosen by" in n for n in select_pet_ct([early, late, pet_same]).notes)
+
+
+def test_ct_outside_the_pet_loses_to_fewer_slices_inside():
+    """A head-neck CT 450 mm away (same frame, more slices) must not beat the thorax CT."""
+    thorax = series("CT", 165, number=2, description="CT thorax", frame="1.1")
+    head_neck = series("CT", 175, number=4, description="CT head neck", frame="1.1", z0=450.0)
+    pet = series("PT", 94, number=3, description="PET AC", frame="1.1", spacing=3.6)
+    assert header_coverage(pet, thorax) == 1.0 and header_coverage(pet, head_neck) == 0.0
+    sel = select_pet_ct([thorax, head_neck, pet])
+    assert sel.ct is thorax
+    assert any(s is head_neck and "covers only 0%" in why for s, why in sel.skipped)
+    assert any("covers 100% of the CT slices" in n for n in sel.notes)
+
+
+def test_coverage_below_the_limit_loses_to_coverage_above_it():
+    pet = series("PT", 50, frame="1.1")  # z 0..98 mm, slab -1..99 mm
+    # 40 % inside (20 of 50 slices) but same frame and more slices than the usable CT.
+    partial = series("CT", 50, frame="1.1", number=2, z0=60.0)
+    usable = series("CT", 30, frame="1.1", number=3, z0=20.0)
+    assert header_coverage(pet, partial) == pytest.approx(0.4)
+    assert header_coverage(pet, usable) == 1.0
+    assert select_pet_ct([partial, usable, pet]).ct is usable
+    # A pair in another frame (coverage unknown until registration) beats a known miss.
+    elsewhere = series("CT", 30, frame="2.2", number=5, z0=900.0)
+    assert header_coverage(pet, elsewhere) is None
+    assert select_pet_ct([partial, elsewhere, pet]).ct is elsewhere
+
+
+def test_no_overlapping_pair_names_every_ct_considered():
+    pet = series("PT", 94, number=3, description="PET AC", frame="1.1")
+    head = series("CT", 175, number=4, description="CT head neck", frame="1.1", z0=450.0)
+    legs = series("CT", 120, number=5, description="CT legs", frame="1.1", z0=-900.0)
+    with pytest.raises(CoverageError) as info:
+        select_pet_ct([head, legs, pet])
+    text = str(info.value)
+    assert "covers only 0%" in text and "at least 50%" in text
+    assert head.uid in text and legs.uid in text and pet.uid in text
+    assert "CT series considered" in text and "'CT head neck'" in text and "'CT legs'" in text
+
+
+@pytest.mark.parametrize("shift_mm", [0.0, 60.0, 110.0, 150.0, 400.0])
+def test_header_coverage_matches_the_volume_check(tmp_path, shift_mm):
+    """Header-only coverage agrees with :func:`geometry.slice_coverage` on the read volumes."""
+    pet_grid = centred_grid(PET_GRID.size, PET_GRID.spacing, shift=(0.0, 0.0, shift_mm))
+    study = make_study(tmp_path / "s", pet_grid=pet_grid)
+    scan = reader.scan_files([study.root])
+    ct = next(s for s in scan.series if s.modality == "CT")
+    pet = next(s for s in scan.series if s.modality == "PT")
+    expected = geometry.slice_coverage(reader.load_volume(ct).image, reader.load_volume(pet).image)
+    assert header_coverage(pet, ct) == pytest.approx(expected)
 
 
 def test_missing_pet_names_skipped_series():
