@@ -35,6 +35,9 @@ TILT_TOLERANCE_DEG = 0.5
 #: Slice steps may differ from their median by at most max(ABS, REL * median) mm.
 SPACING_TOLERANCE_ABS_MM = 0.02
 SPACING_TOLERANCE_REL = 0.02
+#: Each slice may lie at most this fraction of the slice spacing from the uniform grid
+#: (first position + k * spacing) that the volume uses, so small step errors cannot add up.
+GRID_TOLERANCE_REL = 0.1
 #: Two slices closer than this (mm) along the normal are duplicates.
 DUPLICATE_TOLERANCE_MM = 0.01
 
@@ -331,7 +334,9 @@ def slice_geometry(series: SeriesInfo) -> SliceGeometry:
     ------
     GeometryError
         Missing position/orientation, mixed orientation or image size, non-axial
-        slices, gantry tilt, duplicate slice positions, or gaps in the spacing.
+        slices, gantry tilt, duplicate slice positions, gaps in the spacing, or
+        slice positions that drift from a uniform grid by more than
+        ``GRID_TOLERANCE_REL`` of the spacing.
     """
     label = series.label
     inst = [i for i in series.instances if i.has_pixel_data]
@@ -407,6 +412,16 @@ def slice_geometry(series: SeriesInfo) -> SliceGeometry:
                 f"send a reconstruction without tilt"
             )
         z_spacing = float((along[-1] - along[0]) / (len(inst) - 1))
+        # Steps within tolerance can still add up: bound each slice's distance from the grid.
+        deviation = np.abs(along - (along[0] + z_spacing * np.arange(len(inst))))
+        worst = int(np.argmax(deviation))
+        grid_tol = GRID_TOLERANCE_REL * z_spacing
+        if deviation[worst] > grid_tol:
+            raise GeometryError(
+                f"{label}: slice positions drift up to {deviation[worst]:.2f} mm (at {along[worst]:.2f} mm) "
+                f"from a uniform {z_spacing:.3f} mm grid (at most {grid_tol:.2f} mm allowed); "
+                f"the slice spacing is uneven, so one spacing cannot place every slice"
+            )
     else:
         z_spacing = 1.0
     direction = np.column_stack([row, col, normal])

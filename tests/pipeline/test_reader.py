@@ -137,6 +137,41 @@ def test_duplicate_position_is_refused(tmp_path):
         load_single(tmp_path / "CT")
 
 
+def _with_z(path_z: list[tuple[Path, float]]) -> None:
+    """Move each file's slice to z (mm), keeping x and y."""
+    for f, z in path_z:
+        ds = pydicom.dcmread(f)
+        x, y, _z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, f"{z:.4f}"]
+        ds.save_as(f)
+
+
+def _by_z(files: list[Path]) -> list[Path]:
+    return sorted(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+
+
+def test_cumulative_spacing_drift_is_refused(tmp_path):
+    """Every step is within 2 % of the median, but the slices drift > 0.1 slice from one uniform grid."""
+    grid = centred_grid((16, 16, 41), (8.0, 8.0, 2.0))
+    files = _by_z(write_ct(tmp_path / "CT", grid, StudyIds(), description="drifting"))
+    steps = np.r_[np.full(20, 2.039), np.full(20, 1.961)]
+    _with_z(list(zip(files, np.r_[0.0, np.cumsum(steps)], strict=True)))
+    # Largest deviation: 20 * 0.039 = 0.78 mm at z = 40.78 mm, against 0.2 mm allowed.
+    with pytest.raises(GeometryError, match=r"'drifting'.*drift up to 0\.78 mm \(at 40\.78 mm\).*2\.000 mm grid"):
+        load_single(tmp_path / "CT")
+
+
+def test_small_spacing_jitter_is_accepted(tmp_path):
+    """Positions rounded or jittered around a uniform grid (no accumulation) are still one volume."""
+    grid = centred_grid((16, 16, 41), (8.0, 8.0, 2.0))
+    files = _by_z(write_ct(tmp_path / "CT", grid, StudyIds(), description="jitter"))
+    z = 2.0 * np.arange(41) + np.where(np.arange(41) % 2 == 1, 0.03, 0.0)
+    _with_z(list(zip(files, z, strict=True)))
+    vol = load_single(tmp_path / "CT")
+    assert vol.image.GetSpacing()[2] == pytest.approx(2.0)
+    assert vol.image.GetSize()[2] == 41
+
+
 def test_gantry_tilt_is_refused(tmp_path):
     files = write_ct(tmp_path / "CT", SMALL, StudyIds(), description="tilted")
     for f in files:
