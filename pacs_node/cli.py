@@ -2,7 +2,7 @@
 
 Each command parses its flags, builds typed settings and calls one function
 in the module that owns the work; heavy imports (torch, SimpleITK) happen
-inside the commands so ``igtv-node version`` stays instant.
+inside the commands, so ``--help`` and flag errors answer at once.
 """
 
 from __future__ import annotations
