@@ -258,6 +258,8 @@ def _merge_move(src: Path, dst: Path, skip: set[str] | None = None, replace: boo
     """Move every file under ``src`` into the same relative place under ``dst``.
 
     ``replace`` False leaves a file in ``src`` where ``dst`` already has one of that name.
+    Each moved file is ``fsync``-ed: it may be a journaled instance whose deferred
+    :meth:`Spool.sync` will find it gone and skip it.
     """
     moved = 0
     for path in sorted(src.rglob("*")):
@@ -268,6 +270,11 @@ def _merge_move(src: Path, dst: Path, skip: set[str] | None = None, replace: boo
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         moved += 1
     for d in sorted((p for p in src.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         try:

@@ -241,3 +241,17 @@ def test_schema_2_index_drops_its_unkeyed_patient_hashes(tmp_path):
     con.commit()
     con.close()
     assert Index(path).study("1.2.3")["patient_hash"] is None
+
+
+def test_quarantine_makes_each_moved_file_durable(tmp_path, monkeypatch):
+    """A journaled instance written without fsync may be quarantined before its deferred sync."""
+    spool = Spool(tmp_path, min_free_mb=0)
+    stored = spool.store(b"DATA", "1.2.3", "1.2.3.4", "1.2.3.4.5", durable=False)
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_mod.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                           real_fsync(fd))[1])
+    q = spool.quarantine("1.2.3", "bad PET")
+    moved = q / "1.2.3.4" / "1.2.3.4.5.dcm"
+    assert moved.read_bytes() == b"DATA" and str(moved) in synced
+    spool.sync([stored])  # the deferred sync finds the file gone and skips it
