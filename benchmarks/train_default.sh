@@ -4,10 +4,11 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate eval; also, not
+#   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner eval; also, not
 #   in the default: refine7 (session 8's candidate on 448 studies), refine10 and refine11 (session 10's)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
+#   PYTHON    the Python of that installation, for the refiner stage (default: python3)
 #   DEVICE    cpu | cuda | auto (default: auto)
 #   WORKERS   processes for synthesis and sample preparation (default: 4)
 #   LIMIT_S   stop a training stage after this many seconds; run the same stage
@@ -19,8 +20,10 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner eval}
+HERE=$(cd "$(dirname "$0")" && pwd)
 IGTV=${IGTV:-igtv-node}
+PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-4}
 DATA=$WORK/data
@@ -157,6 +160,15 @@ for stage in $STAGES; do
         # the probability threshold with the best mean Dice on the selection studies, stored in the checkpoint
         $IGTV calibrate "$DATA/select_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
             --out "$RUNS/igtv_sim_mamba.safetensors"
+        ;;
+    refiner)
+        # the 3D lesion refiner of the shipped network (session 11): its probabilities of the 448
+        # training and 48 selection studies, 12 epochs on the 448's training split (seed 17; the
+        # best by validation Dice), written beside the checkpoint as igtv_sim_mamba.refiner.*
+        (cd "$WORK" && $PYTHON "$HERE/train_refiner.py" probs data/select_igtv data/refine_igtv data/more_igtv \
+            data/extra_igtv --checkpoint runs/igtv_sim_mamba.safetensors --probs runs/refiner_probs &&
+            $PYTHON "$HERE/train_refiner.py" train --epochs 12 --checkpoint runs/igtv_sim_mamba.safetensors \
+            --probs runs/refiner_probs --out runs/igtv_sim_mamba.safetensors)
         ;;
     eval)
         $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \

@@ -13,6 +13,7 @@ import torch.nn as nn
 from model.checkpoint import load_checkpoint, operating_threshold, shipped_checkpoint_path
 from model.device import resolve_device
 from model.preprocessing import Preprocessing
+from model.refiner import LesionRefiner, load_refiner
 
 #: Test-time flip sets: (left-right flip, slice-order flip) per pass.
 TEST_TIME_FLIPS: dict[str, tuple[tuple[bool, bool], ...]] = {
@@ -38,6 +39,8 @@ class Predictor:
         The checkpoint's full metadata.
     device:
         Where inference runs.
+    refiner:
+        The checkpoint's lesion refiner (:mod:`model.refiner`), or None when it has none.
     """
 
     network: nn.Module
@@ -45,6 +48,7 @@ class Predictor:
     version: str
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    refiner: LesionRefiner | None = None
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> Predictor:
@@ -58,6 +62,7 @@ class Predictor:
             version=str(meta.get("version", "unknown")),
             metadata=meta,
             device=dev,
+            refiner=load_refiner(path),  # on the CPU: one small crop per study
         )
 
     @property

@@ -136,7 +136,7 @@ def calibrate(
     rows, volumes, studies = [], [], []
     for ref in refs:
         case = load_case(ref, roi_names)
-        prob = case_probabilities(case, predictor, settings.test_time_flips)
+        prob = case_probabilities(case, predictor, settings)
         row = [dice(postprocess_case(case, prob, settings, t), case.truth) for t in thresholds]
         rows.append(row)
         volumes.append(float(case.truth.sum() * np.prod(case.spacing_zyx) / 1000.0))

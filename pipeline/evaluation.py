@@ -80,17 +80,24 @@ def suv_threshold_baseline(suv: np.ndarray, truth: np.ndarray, spacing_zyx: Sequ
     return out
 
 
-def case_probabilities(case: LoadedCase, predictor: Any, flips: str = "none", stackset: Any = None) -> np.ndarray:
-    """The network's probabilities of one case on the CT grid (before post-processing).
+def case_probabilities(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None,
+                       stackset: Any = None) -> np.ndarray:
+    """The model's probabilities of one case on the CT grid (before post-processing), as the node computes them.
 
-    ``stackset``: the case's stacks when the caller has built them already (with the
-    predictor's preprocessing); built here otherwise.
+    ``settings`` (default: the node's defaults) give the test-time flips and, with the
+    checkpoint's threshold, the lesion its refiner re-outlines. ``stackset``: the case's
+    stacks when the caller has built them already (with the predictor's preprocessing);
+    built here otherwise.
     """
     from pipeline import stacks
+    from pipeline.refinement import refine_probabilities
 
+    settings = settings or ProcessSettings()
     if stackset is None:
         stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
-    probs = predictor.predict(stackset.inputs, batch_size=16, flips=flips)
+    probs = predictor.predict(stackset.inputs, batch_size=16, flips=settings.test_time_flips)
+    probs = refine_probabilities(probs, stackset, getattr(predictor, "refiner", None), case.spacing_zyx[0],
+                                 settings, settings.threshold_for(predictor.threshold))
     return stackset.to_ct_grid(probs)
 
 
@@ -107,7 +114,7 @@ def postprocess_case(case: LoadedCase, prob_ct: np.ndarray, settings: ProcessSet
 def predict_case(case: LoadedCase, predictor: Any, settings: ProcessSettings | None = None) -> np.ndarray:
     """Post-processed boolean prediction of one case on the CT grid (the node's post-processing)."""
     settings = settings or ProcessSettings()
-    prob_ct = case_probabilities(case, predictor, settings.test_time_flips)
+    prob_ct = case_probabilities(case, predictor, settings)
     return postprocess_case(case, prob_ct, settings, settings.threshold_for(predictor.threshold))
 
 

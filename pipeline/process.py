@@ -17,6 +17,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from pipeline.refinement import refine_probabilities
 from pipeline.settings import ProcessSettings
 
 log = logging.getLogger(__name__)
@@ -138,14 +139,16 @@ def process_study(
 
     with timer.stage("stacks"):
         stackset = stacks.build_stacks(ct, pet_on_ct, predictor.preprocessing)
+    spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
+    threshold = settings.threshold_for(predictor.threshold)
     with timer.stage("inference"):
         probs = predictor.predict(stackset.inputs, flips=settings.test_time_flips)
+        probs = refine_probabilities(probs, stackset, getattr(predictor, "refiner", None), spacing_zyx[0],
+                                     settings, threshold)
         prob_ct = stackset.to_ct_grid(probs)
         del probs, stackset
 
-    spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
-    threshold = settings.threshold_for(predictor.threshold)
     differences = settings.differences_from_calibration(getattr(predictor, "metadata", {}).get("operating_point", {}))
     if differences:
         warn_calibration_differs(predictor.version, differences)

@@ -1,0 +1,246 @@
+"""Train and measure the lesion refiner (:mod:`model.refiner`) of the shipped checkpoint.
+
+The 2.5D network sees K slices; the PET smear of a moving tumour runs along z. The
+refiner re-outlines, in 3D, a crop around the lesion the node would deliver (input: PET,
+CT and the shipped network's probability on the model grid; target: the IGTV).
+
+Usage (from the folder holding ``data/`` and the sample cache ``cache/`` that
+``benchmarks/train_default.sh`` writes; steps of its ``refiner`` stage)::
+
+    python benchmarks/train_refiner.py probs data/select_igtv data/refine_igtv data/more_igtv data/extra_igtv
+    python benchmarks/train_refiner.py train --epochs 12 --out runs/refiner_base.safetensors
+    python benchmarks/train_refiner.py eval data/select_igtv --out runs/refiner_base.safetensors
+
+``probs`` stores the network's probabilities of each study (``--checkpoint``, default the
+shipped one; uint8, under ``--probs``); ``train`` uses the 448 IGTV studies' split of ``train_default.sh`` (seed 17,
+10 % validation), keeps the epoch with the best validation Dice and writes the refiner
+beside ``--out`` (``NAME.refiner.safetensors``: copy it beside the checkpoint it refines);
+``eval`` prints, on the model grid, the mean Dice of the lesion the node delivers without
+and with the refiner, and by IGTV size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from model.refiner import CROP, LesionRefiner, crop_around, load_refiner, save_refiner  # noqa: E402
+
+#: Training jitter (z, y, x) of the crop around the IGTV, on each side.
+JITTER = (4, 8, 8)
+TRAIN_SETS = ("data/refine_igtv", "data/more_igtv", "data/extra_igtv")
+
+
+def network_of(checkpoint: Path | None):
+    """The network, metadata and preprocessing of ``checkpoint`` (None: the shipped one)."""
+    from model.checkpoint import load_checkpoint, shipped_checkpoint_path
+    from model.preprocessing import Preprocessing
+
+    network, meta = load_checkpoint(checkpoint or shipped_checkpoint_path())
+    return network, meta, Preprocessing.from_dict(meta["preprocessing"])
+
+
+def labelled(folders: list[str]) -> list:
+    """Study references with a label, in a fixed order."""
+    from pipeline.training import find_studies
+
+    return [r for r in find_studies([Path(f) for f in folders]) if r.label_series]
+
+
+def samples(ref, prep, cache: Path):
+    from pipeline.training import cached_samples
+
+    return cached_samples([ref], ["IGTV"], prep, cache)[0]
+
+
+def store_probabilities(folders: list[str], cache: Path, probs: Path, checkpoint: Path | None) -> None:
+    """The network's probabilities of every study (skips those already stored)."""
+    from model.train import predict_study
+
+    network, _, prep = network_of(checkpoint)
+    probs.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    for i, ref in enumerate(labelled(folders)):
+        path = probs / f"{ref.study_uid}.npz"
+        if path.exists():
+            continue
+        with torch.no_grad():
+            prob = predict_study(network, samples(ref, prep, cache))
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez_compressed(tmp, prob=np.round(prob * 255).astype(np.uint8))
+        tmp.replace(path)
+        print(f"{i + 1} studies, {time.time() - start:.0f} s", flush=True)
+
+
+def study_volume(ref, prep, cache: Path, probs: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(N, 3, H, W) PET, CT and probability of each stack's centre slice, the target, the spacing."""
+    s = samples(ref, prep, cache)
+    n, centre = len(s.labels), s.span // 2
+    planes = s.planes[centre:centre + n].astype(np.float32)
+    prob = np.load(probs / f"{ref.study_uid}.npz")["prob"].astype(np.float32) / 255
+    return np.concatenate([planes, prob[:, None]], axis=1), s.target(), s.spacing_mm
+
+
+def training_crop(volume: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Input and label around the IGTV's centre of mass, :data:`JITTER` wider on each side."""
+    size = tuple(c + 2 * m for c, m in zip(CROP, JITTER, strict=True))
+    x, (src, dst) = crop_around(volume, list(ndimage.center_of_mass(target)), size)
+    label = np.zeros(size, bool)
+    label[dst] = target[src]
+    return x, label
+
+
+def delivered(prob: np.ndarray, spacing: tuple[float, float], threshold: float) -> np.ndarray:
+    """The lesion the node delivers from model-grid probabilities (default post-processing)."""
+    from pipeline.postprocess import postprocess_with
+    from pipeline.settings import ProcessSettings
+
+    return postprocess_with(prob, (spacing[0], spacing[1], spacing[1]), ProcessSettings(), threshold) > 0
+
+
+def refine(model: LesionRefiner, volume: np.ndarray, spacing, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The delivered lesion, and the same with its crop outlined by the refiner (>= 0.5)."""
+    first = delivered(volume[:, 2], spacing, threshold)
+    refined = model.refine(volume, first)
+    if refined is None:
+        return first, first  # nothing found, or larger than the crop: left as delivered
+    prob, region = refined
+    out = first.copy()
+    out[region] = prob[region] >= 0.5
+    labels, count = ndimage.label(out)
+    if count > 1:  # keep the component holding most of the delivered lesion
+        votes = np.bincount(labels[first], minlength=count + 1)
+        votes[0] = 0
+        out = labels == votes.argmax()
+    return first, out
+
+
+def evaluate(model: LesionRefiner, refs, prep, cache: Path, probs: Path, threshold: float) -> dict:
+    """Mean Dice without and with the refiner, overall and below/above 2 cc, with per-study rows."""
+    from model.metrics import dice
+
+    rows = []
+    for ref in refs:
+        volume, target, spacing = study_volume(ref, prep, cache, probs)
+        first, refined = refine(model, volume, spacing, threshold)
+        cc = float(target.sum()) * spacing[0] * spacing[1] ** 2 / 1000
+        rows.append((cc, dice(first, target), dice(refined, target)))
+    a = np.asarray(rows)
+    small = a[:, 0] < 2
+    diff = a[:, 2] - a[:, 1]
+    summary = {"studies": len(a), "delivered": a[:, 1].mean(), "refined": a[:, 2].mean(),
+               "paired_difference": diff.mean(), "paired_se": diff.std(ddof=1) / np.sqrt(len(a))}
+    for name, part in (("below_2cc", small), ("from_2cc", ~small)):
+        summary[name] = {"studies": int(part.sum()), "delivered": a[part, 1].mean(), "refined": a[part, 2].mean()}
+    return {"summary": summary, "rows": rows}
+
+
+def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | None, seed: int = 5) -> None:
+    """Train on the 448 studies' training split, validate each epoch, keep the best."""
+    from pipeline.training import split_studies
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    _, meta, prep = network_of(checkpoint)
+    threshold = float(meta.get("operating_point", {}).get("threshold", 0.5))
+    refs = labelled(list(TRAIN_SETS))
+    train_uids, val_uids = split_studies([r.study_uid for r in refs], 0.1, 17)
+    by_uid = {r.study_uid: r for r in refs}
+    data = []
+    for uid in train_uids:
+        volume, target, _ = study_volume(by_uid[uid], prep, cache, probs)
+        extent = [np.ptp(v) + 1 for v in np.nonzero(target)]
+        if all(e <= c - 4 for e, c in zip(extent, CROP, strict=True)):  # the refiner only sees lesions that fit
+            x, y = training_crop(volume, target)
+            data.append((x.astype(np.float16), y))
+    print(f"{len(data)} training crops from {len(train_uids)} studies", flush=True)
+    model = LesionRefiner()
+    batch = 4
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * (len(data) // batch), pct_start=0.05)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    best = -1.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start, total = time.time(), 0.0
+        order = rng.permutation(len(data))
+        for i in range(0, len(order) - batch + 1, batch):
+            xs, ys = [], []
+            for j in order[i:i + batch]:
+                x, y = data[j]
+                o = [int(rng.integers(0, 2 * m + 1)) for m in JITTER]
+                window = tuple(slice(a, a + c) for a, c in zip(o, CROP, strict=True))
+                x, y = x[(slice(None), *window)].astype(np.float32), y[window]
+                for axis in (2, 1):  # left-right and anterior-posterior flips
+                    if rng.random() < 0.5:
+                        x, y = np.flip(x, axis + 1), np.flip(y, axis)
+                x = x.copy()
+                x[0] *= rng.uniform(0.9, 1.1)  # PET intensity jitter
+                xs.append(x)
+                ys.append(y.copy())
+            xb = torch.from_numpy(np.stack(xs))
+            yb = torch.from_numpy(np.stack(ys)).float()[:, None]
+            logits = model(xb)
+            p = torch.sigmoid(logits)
+            overlap = (p * yb).sum((1, 2, 3, 4))
+            sizes = p.sum((1, 2, 3, 4)) + yb.sum((1, 2, 3, 4))
+            loss = F.binary_cross_entropy_with_logits(logits, yb) + (1 - (2 * overlap + 1) / (sizes + 1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        model.eval()
+        val = evaluate(model, [by_uid[u] for u in val_uids], prep, cache, probs, threshold)["summary"]
+        print(f"epoch {epoch}: loss {total / (len(order) // batch):.4f}, {time.time() - start:.0f} s; validation "
+              f"{val['delivered']:.4f} -> {val['refined']:.4f}", flush=True)
+        if val["refined"] > best:
+            best = val["refined"]
+            save_refiner(model, out, {"trained_on": "shipped checkpoint's probabilities, 403 IGTV studies",
+                                      "best_epoch": epoch, "val_dice": val["refined"],
+                                      "val_dice_without": val["delivered"], "seed": seed})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("probs", "train", "eval"))
+    parser.add_argument("data", nargs="*", help="study folders (probs, eval)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the network whose lesions are refined (default: the shipped one)")
+    parser.add_argument("--out", type=Path, default=Path("runs/refiner_base.safetensors"),
+                        help="the checkpoint path the refiner is written beside (NAME.refiner.safetensors)")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--cache", type=Path, default=Path("cache"))
+    parser.add_argument("--probs", type=Path, default=Path("runs/refiner_probs"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.action == "probs":
+        store_probabilities(args.data, args.cache, args.probs, args.checkpoint)
+    elif args.action == "train":
+        train(args.epochs, args.out, args.cache, args.probs, args.checkpoint)
+    else:
+        _, meta, prep = network_of(args.checkpoint)
+        model = load_refiner(args.out)
+        if model is None:
+            parser.error(f"no refiner beside {args.out}")
+        threshold = float(meta.get("operating_point", {}).get("threshold", 0.5))
+        result = evaluate(model, labelled(args.data), prep, args.cache, args.probs, threshold)
+        print(json.dumps(result["summary"], indent=1))
+        args.out.with_name(args.out.stem + ".refiner-eval.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The lesion refiner: a small 3D network that re-outlines the lesion the 2.5D network found.
+
+The 2.5D network sees K slices; a moving tumour's PET smear runs along z. The refiner
+looks at a 3D crop around the found lesion (PET, CT and the network's probability on
+the model grid) and returns new probabilities inside the crop. Its logits are added to
+the logit of the input probability, so an untrained refiner changes little.
+
+A refiner belongs to the checkpoint whose outputs it was trained on and lives beside
+it: ``NAME.refiner.safetensors`` and ``NAME.refiner.json`` next to ``NAME.safetensors``.
+Loading never unpickles (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.errors import CheckpointError
+
+FORMAT = "igtv-node-refiner/1"
+#: Default crop (z, y, x) in model-grid voxels (each divisible by 4 for the two poolings).
+CROP = (32, 48, 48)
+#: Values outside the study in each input channel: PET 0, CT air (-1), probability 0.
+FILL = (0.0, -1.0, 0.0)
+#: A lesion must leave this many voxels of the crop free on each axis to be refined.
+MARGIN = 8
+
+
+class _Block(nn.Sequential):
+    """Two 3x3x3 convolutions with instance norm and leaky ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True),
+                         nn.LeakyReLU(0.1), nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+                         nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.1))
+
+
+class LesionRefiner(nn.Module):
+    """A two-level 3D U-Net on (B, 3, Z, Y, X) crops: PET, CT, probability -> IGTV logits.
+
+    Parameters
+    ----------
+    widths:
+        Channels at full, half and quarter resolution.
+    crop:
+        The (z, y, x) crop it was trained on.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), crop: tuple[int, int, int] = CROP) -> None:
+        super().__init__()
+        w0, w1, w2 = widths
+        self.widths, self.crop = tuple(widths), tuple(crop)
+        self.e0, self.e1, self.e2 = _Block(3, w0), _Block(w0, w1), _Block(w1, w2)
+        self.d1, self.d0 = _Block(w2 + w1, w1), _Block(w1 + w0, w0)
+        self.head = nn.Conv3d(w0, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prior = torch.logit(x[:, 2:3].clamp(1e-3, 1 - 1e-3))
+        a = self.e0(x)
+        b = self.e1(F.max_pool3d(a, 2))
+        c = self.e2(F.max_pool3d(b, 2))
+        b = self.d1(torch.cat([F.interpolate(c, scale_factor=2, mode="trilinear"), b], 1))
+        a = self.d0(torch.cat([F.interpolate(b, scale_factor=2, mode="trilinear"), a], 1))
+        return self.head(a) + prior
+
+    def refine(self, volume: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]] | None:
+        """Probabilities of the crop around ``lesion``, and the region of ``volume`` the crop covers.
+
+        Parameters
+        ----------
+        volume:
+            (N, 3, H, W) float32 model-grid PET, CT and probability, slices ordered
+            inferior to superior.
+        lesion:
+            (N, H, W) boolean lesion to re-outline.
+
+        Returns
+        -------
+        tuple or None
+            (N, H, W) float32 probabilities (the refiner's inside the crop, 0 outside)
+            and the (z, y, x) slices of the crop inside the volume; None when the
+            lesion is empty or does not fit the crop.
+        """
+        if not lesion.any():
+            return None
+        hits = np.nonzero(lesion)
+        if any(np.ptp(h) + 1 > c - MARGIN for h, c in zip(hits, self.crop, strict=True)):
+            return None
+        centre = [(int(h.min()) + int(h.max())) / 2 for h in hits]
+        x, (src, dst) = crop_around(volume, centre, self.crop)
+        with torch.no_grad():
+            p = torch.sigmoid(self(torch.from_numpy(x)[None]))[0, 0].numpy()
+        out = np.zeros(lesion.shape, np.float32)
+        out[src] = p[dst]
+        return out, src
+
+
+def crop_around(volume: np.ndarray, centre: list[float], size: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
+    """(3, Z, Y, X) crop of an (N, 3, H, W) volume centred at ``centre`` (z, y, x), padded with :data:`FILL`.
+
+    Returns the crop and ``(source, destination)`` slices: ``volume`` indices and crop indices.
+    """
+    out = np.stack([np.full(size, f, np.float32) for f in FILL])
+    shape = (volume.shape[0], volume.shape[2], volume.shape[3])
+    src, dst = [], []
+    for c, n, extent in zip(centre, size, shape, strict=True):
+        lo = int(round(c)) - n // 2
+        a, b = max(lo, 0), min(lo + n, extent)
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    out[:, dst[0], dst[1], dst[2]] = np.moveaxis(volume[src[0], :, src[1], src[2]], 1, 0)
+    return out, (tuple(src), tuple(dst))
+
+
+def refiner_path(checkpoint: Path) -> Path:
+    """Where the refiner of ``checkpoint`` lives: ``NAME.refiner.safetensors`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".refiner.safetensors")
+
+
+def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any]) -> Path:
+    """Write ``model`` beside ``checkpoint`` (weights and JSON metadata); returns the weights' path."""
+    path = refiner_path(checkpoint)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    record = {**meta, "format": FORMAT, "widths": list(model.widths), "crop": list(model.crop)}
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_refiner(checkpoint: Path, device: str | torch.device = "cpu") -> LesionRefiner | None:
+    """The refiner beside ``checkpoint``, or None when it has none.
+
+    Raises
+    ------
+    CheckpointError
+        The refiner's files are incomplete, of another format, or do not fit its metadata.
+    """
+    path = refiner_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"refiner {path}: metadata {path.with_suffix('.json').name} unreadable ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"refiner {path}: metadata is not {FORMAT}")
+    model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"refiner {path}: weights do not fit its metadata ({exc})") from None
+    return model.to(device).eval()

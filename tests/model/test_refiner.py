@@ -1,0 +1,95 @@
+"""The lesion refiner: crops, what it refuses, and its safetensors files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.errors import CheckpointError
+from model.refiner import (
+    CROP,
+    FILL,
+    LesionRefiner,
+    crop_around,
+    load_refiner,
+    refiner_path,
+    save_refiner,
+)
+
+
+def _volume(n=40, h=64, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    volume = rng.random((n, 3, h, w), dtype=np.float32)
+    return volume
+
+
+def test_crop_is_padded_where_the_volume_ends():
+    volume = _volume()
+    crop, (src, dst) = crop_around(volume, [2.0, 5.0, 60.0], CROP)
+    assert crop.shape == (3, *CROP)
+    assert np.array_equal(crop[:, dst[0], dst[1], dst[2]], np.moveaxis(volume[src[0], :, src[1], src[2]], 1, 0))
+    outside = np.ones(CROP, bool)
+    outside[dst] = False
+    for channel, fill in enumerate(FILL):
+        assert np.all(crop[channel][outside] == fill)
+
+
+def test_refine_returns_crop_probabilities_and_the_region():
+    torch.manual_seed(0)
+    refiner = LesionRefiner().eval()
+    volume = _volume()
+    lesion = np.zeros((40, 64, 64), bool)
+    lesion[18:22, 30:36, 28:33] = True
+    prob, region = refiner.refine(volume, lesion)
+    assert prob.shape == lesion.shape and prob.dtype == np.float32
+    inside = np.zeros_like(lesion)
+    inside[region] = True
+    assert inside[lesion].all() and not prob[~inside].any()
+    assert ((prob[inside] > 0) & (prob[inside] < 1)).all()
+
+
+def test_refine_leaves_empty_and_too_large_lesions():
+    refiner = LesionRefiner().eval()
+    volume = _volume()
+    assert refiner.refine(volume, np.zeros((40, 64, 64), bool)) is None
+    large = np.zeros((40, 64, 64), bool)
+    large[5:35, 20:30, 20:30] = True  # 30 slices: more than the crop's 32 minus the margin
+    assert refiner.refine(volume, large) is None
+
+
+def test_an_untrained_refiner_keeps_the_input_probability_as_its_prior():
+    refiner = LesionRefiner().eval()
+    for p in refiner.head.parameters():
+        torch.nn.init.zeros_(p)  # no correction: the output is the input probability
+    x = torch.rand(1, 3, *CROP) * 0.98 + 0.01
+    assert torch.allclose(torch.sigmoid(refiner(x))[0, 0], x[0, 2], atol=1e-5)
+
+
+def test_save_and_load_beside_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    refiner = LesionRefiner()
+    checkpoint = tmp_path / "net.safetensors"
+    assert load_refiner(checkpoint) is None  # a checkpoint without a refiner
+    path = save_refiner(refiner, checkpoint, {"best_epoch": 3})
+    assert path == refiner_path(checkpoint) == tmp_path / "net.refiner.safetensors"
+    assert json.loads((tmp_path / "net.refiner.json").read_text())["best_epoch"] == 3
+    loaded = load_refiner(checkpoint)
+    x = torch.rand(1, 3, *CROP)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), refiner.eval()(x))
+    assert path.read_bytes()[8:9] == b"{"  # safetensors: a length, then a JSON header (no pickle)
+
+
+def test_a_broken_refiner_is_refused_with_its_path(tmp_path):
+    checkpoint = tmp_path / "net.safetensors"
+    save_refiner(LesionRefiner(), checkpoint, {})
+    meta = tmp_path / "net.refiner.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "widths": [4, 8, 16]}))
+    with pytest.raises(CheckpointError, match="net.refiner.safetensors: weights do not fit"):
+        load_refiner(checkpoint)
+    meta.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_refiner(checkpoint)
