@@ -256,10 +256,13 @@ def shipped_checkpoint_path() -> Path:
 
 def shipped_checkpoint_info() -> str:
     """One line about the shipped checkpoint (for ``igtv-node version``)."""
+    from model.refiner import refiner_path
+
     path = shipped_checkpoint_path()
     if not path.is_file():
         return f"no shipped checkpoint at {path}"
-    return checkpoint_summary(read_metadata(path))
+    summary = checkpoint_summary(read_metadata(path))
+    return summary + ("; with its 3D lesion refiner" if refiner_path(path).is_file() else "")
 
 
 def checkpoint_summary(meta: dict[str, Any]) -> str:

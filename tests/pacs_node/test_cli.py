@@ -24,6 +24,7 @@ def test_version_names_node_and_python():
     assert out.exit_code == 0
     assert out.output.startswith("igtv-node ")
     assert "python 3." in out.output
+    assert "with its 3D lesion refiner" in out.output  # shipped beside the checkpoint
 
 
 def _closed_port() -> int:
