@@ -30,7 +30,8 @@ class ProcessSettings:
     min_component_cc:
         Connected components smaller than this (cc) are removed.
     keep_components:
-        At most this many lesions are kept and reported.
+        At most this many lesions are kept and reported. With 1 (default), a checkpoint
+        that has a 3D lesion refiner (:mod:`model.refiner`) re-outlines the kept lesion.
     lesion_order:
         "volume" (default: largest first), "confidence" (highest mean probability first)
         or "uptake" (highest SUVmax first). With one kept lesion, ranking by volume
