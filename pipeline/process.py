@@ -142,11 +142,12 @@ def process_study(
     spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
     threshold = settings.threshold_for(predictor.threshold)
     with timer.stage("inference"):
-        probs = predictor.predict(stackset.inputs, flips=settings.test_time_flips)
-        probs = refine_probabilities(probs, stackset, getattr(predictor, "refiner", None), spacing_zyx[0],
+        network_probs = predictor.predict(stackset.inputs, flips=settings.test_time_flips)
+        probs = refine_probabilities(network_probs, stackset, getattr(predictor, "refiner", None), spacing_zyx[0],
                                      settings, threshold)
+        refined = probs is not network_probs
         prob_ct = stackset.to_ct_grid(probs)
-        del probs, stackset
+        del probs, network_probs, stackset
 
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
     differences = settings.differences_from_calibration(getattr(predictor, "metadata", {}).get("operating_point", {}))
@@ -186,7 +187,8 @@ def process_study(
     report = report_writer.build_report(
         components,
         timer.timings,
-        {"version": predictor.version, "preprocessing": predictor.preprocessing.to_dict()},
+        {"version": predictor.version, "preprocessing": predictor.preprocessing.to_dict(),
+         "lesion_refiner": getattr(predictor, "refiner", None) is not None, "lesion_refined": refined},
         {
             **report_writer.uid_entries(ct, None, {"seg": seg, "rtstruct": rts}),
             "pet_series_instance_uid": chosen.pet.uid,

@@ -27,5 +27,7 @@ def test_shipped_checkpoint_on_fixed_study(synthetic_study_factory):
     study = synthetic_study_factory(GOLDEN_SEED, motion="breathing", small=False, lymph_nodes=False, diameter_mm=30.0)
     (ref,) = find_studies([study])
     case = load_case(ref, ["IGTV"])
-    pred = predict_case(case, Predictor.load())
+    predictor = Predictor.load()
+    assert predictor.refiner is not None, "the shipped lesion refiner is missing beside the checkpoint"
+    pred = predict_case(case, predictor)  # the node's path: network, refiner, post-processing
     assert dice(pred, case.truth) >= 0.8

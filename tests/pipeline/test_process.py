@@ -69,6 +69,7 @@ def test_outputs_are_written_and_described(oracle_run):
     assert any("SEG" in what or "seg" in why.lower() for what, why in result.skipped)
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["version"] == "oracle-1"
+    assert report["model"]["lesion_refiner"] is False and report["model"]["lesion_refined"] is False
     assert report["postprocessing"]["threshold"] == 0.5 and report["postprocessing"]["threshold_from"] == "default"
     assert report["postprocessing"]["delineation_threshold"] == 0.5
     assert {"load", "suv", "register", "stacks", "inference", "writers"} <= set(report["timings_s"])
@@ -134,3 +135,24 @@ def test_ct_only_study_is_refused_with_a_clear_reason(small_study, tmp_path):
     with pytest.raises(MissingPetError, match="PET"):
         process_study(sorted(ct_only.rglob("*.dcm")), tmp_path / "out", ProcessSettings(), predictor=object())
     assert len(list((ct_only / "CT").iterdir())) > 0  # input kept
+
+
+class KeepLesionRefiner:
+    """A refiner that returns the lesion it is given, as probability 1."""
+
+    def __init__(self) -> None:
+        self.lesions: list[np.ndarray] = []
+
+    def refine(self, volume, lesion):
+        self.lesions.append(lesion)
+        return lesion.astype(np.float32), (slice(None), slice(None), slice(None))
+
+
+def test_the_checkpoints_refiner_gets_the_kept_lesion_and_the_report_says_so(small_study, tmp_path):
+    oracle = OraclePredictor(small_study, Preprocessing(slices=3))
+    oracle.refiner = KeepLesionRefiner()
+    result = process_study(sorted(small_study.rglob("*.dcm")), tmp_path, ProcessSettings(), predictor=oracle)
+    (lesion,) = oracle.refiner.lesions
+    assert lesion.any() and lesion.shape == oracle.answer.shape
+    assert result.report["model"]["lesion_refiner"] is True and result.report["model"]["lesion_refined"] is True
+    assert result.report["lesion_count"] == 1
