@@ -147,7 +147,8 @@ def evaluate(model: LesionRefiner, refs, prep, cache: Path, probs: Path, thresho
     return {"summary": summary, "rows": rows}
 
 
-def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | None, seed: int = 5) -> None:
+def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | None,
+          widths: tuple[int, int, int] = (8, 16, 32), seed: int = 5) -> None:
     """Train on the 448 studies' training split, validate each epoch, keep the best."""
     from pipeline.training import split_studies
 
@@ -166,7 +167,7 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
             x, y = training_crop(volume, target)
             data.append((x.astype(np.float16), y))
     print(f"{len(data)} training crops from {len(train_uids)} studies", flush=True)
-    model = LesionRefiner()
+    model = LesionRefiner(widths)
     batch = 4
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * (len(data) // batch), pct_start=0.05)
@@ -222,6 +223,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/refiner_base.safetensors"),
                         help="the checkpoint path the refiner is written beside (NAME.refiner.safetensors)")
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--widths", default="8,16,32", help="refiner channels at full, half and quarter resolution")
     parser.add_argument("--cache", type=Path, default=Path("cache"))
     parser.add_argument("--probs", type=Path, default=Path("runs/refiner_probs"))
     parser.add_argument("--threads", type=int, default=2)
@@ -230,7 +232,10 @@ def main() -> None:
     if args.action == "probs":
         store_probabilities(args.data, args.cache, args.probs, args.checkpoint)
     elif args.action == "train":
-        train(args.epochs, args.out, args.cache, args.probs, args.checkpoint)
+        widths = tuple(int(w) for w in args.widths.split(","))
+        if len(widths) != 3:
+            parser.error("--widths takes three numbers")
+        train(args.epochs, args.out, args.cache, args.probs, args.checkpoint, widths)
     else:
         _, meta, prep = network_of(args.checkpoint)
         model = load_refiner(args.out)
