@@ -163,11 +163,12 @@ for stage in $STAGES; do
         ;;
     refiner)
         # the 3D lesion refiner of the shipped network (session 11): its probabilities of the 448
-        # training and 48 selection studies, 12 epochs on the 448's training split (seed 17; the
-        # best by validation Dice), written beside the checkpoint as igtv_sim_mamba.refiner.*
+        # training and 48 selection studies, 16 epochs of a 12-24-48-channel refiner on the 448's
+        # training split (seed 17; the best by validation Dice), written beside the checkpoint as
+        # igtv_sim_mamba.refiner.*
         (cd "$WORK" && $PYTHON "$HERE/train_refiner.py" probs data/select_igtv data/refine_igtv data/more_igtv \
             data/extra_igtv --checkpoint runs/igtv_sim_mamba.safetensors --probs runs/refiner_probs &&
-            $PYTHON "$HERE/train_refiner.py" train --epochs 12 --checkpoint runs/igtv_sim_mamba.safetensors \
+            $PYTHON "$HERE/train_refiner.py" train --epochs 16 --widths 12,24,48 --checkpoint runs/igtv_sim_mamba.safetensors \
             --probs runs/refiner_probs --out runs/igtv_sim_mamba.safetensors)
         ;;
     eval)
