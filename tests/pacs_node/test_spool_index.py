@@ -22,6 +22,14 @@ from pacs_node.spool import Spool, SpoolFullError
 from pipeline.errors import InvalidUidError
 
 
+def _received_study(tmp_path, ingest):
+    """A study of 2 CT and 1 PET instances, stored through ``ingest``."""
+    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
+    for f in study.files:
+        ingest.store(f.read_bytes(), source="t")
+    return study
+
+
 def test_store_is_durable_before_return(tmp_path, monkeypatch):
     """The file is fsynced, renamed into place and its directory fsynced before store() returns."""
     spool = Spool(tmp_path, min_free_mb=0)
@@ -91,9 +99,7 @@ def test_duplicates_are_idempotent(tmp_path, store):
 
 def test_an_instance_resent_in_another_series_is_refused_and_the_stored_one_kept(tmp_path, store):
     spool, index, ingest = store
-    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
-    for f in study.files:
-        ingest.store(f.read_bytes(), source="test")
+    study = _received_study(tmp_path, ingest)
     moved = dcmread(study.ct_files[0])
     old_series = moved.SeriesInstanceUID
     moved.SeriesInstanceUID = old_series + ".9"
@@ -161,9 +167,7 @@ def test_instance_without_sop_class_is_refused_as_unreadable(tmp_path, store):
 
 def test_quarantine_moves_and_restore_brings_back(tmp_path, store):
     spool, index, ingest = store
-    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
-    for f in study.files:
-        ingest.store(f.read_bytes(), source="t")
+    study = _received_study(tmp_path, ingest)
     q = spool.quarantine(study.study_uid, "no PET decay data")
     assert spool.study_files(study.study_uid) == []
     assert len(list(q.rglob("*.dcm"))) == 3
@@ -202,9 +206,7 @@ def test_index_is_wal_full_sync_and_thread_safe(tmp_path, store):
 
 def test_restore_keeps_an_instance_received_again_after_the_quarantine(tmp_path, store):
     spool, index, ingest = store
-    study = make_study(tmp_path / "s", n_ct=2, n_pet=1)
-    for f in study.files:
-        ingest.store(f.read_bytes(), source="t")
+    study = _received_study(tmp_path, ingest)
     q = spool.quarantine(study.study_uid, "bad PET")
     corrected = dcmread(study.ct_files[0])
     corrected.ImageComments = "CORRECTED VERSION"
