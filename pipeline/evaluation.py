@@ -90,14 +90,13 @@ def case_probabilities(case: LoadedCase, predictor: Any, settings: ProcessSettin
     built here otherwise.
     """
     from pipeline import stacks
-    from pipeline.refinement import refine_probabilities
+    from pipeline.refinement import model_probabilities
 
     settings = settings or ProcessSettings()
     if stackset is None:
         stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
-    probs = predictor.predict(stackset.inputs, batch_size=16, flips=settings.test_time_flips)
-    probs = refine_probabilities(probs, stackset, getattr(predictor, "refiner", None), case.spacing_zyx[0],
-                                 settings, settings.threshold_for(predictor.threshold))
+    probs, _ = model_probabilities(predictor, stackset, case.spacing_zyx[0], settings,
+                                   settings.threshold_for(predictor.threshold), batch_size=16)
     return stackset.to_ct_grid(probs)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from pipeline.refinement import refine_probabilities
+from pipeline.refinement import model_probabilities
 from pipeline.settings import ProcessSettings
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,9 @@ def process_study(
     spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
     threshold = settings.threshold_for(predictor.threshold)
     with timer.stage("inference"):
-        network_probs = predictor.predict(stackset.inputs, flips=settings.test_time_flips)
-        probs = refine_probabilities(network_probs, stackset, getattr(predictor, "refiner", None), spacing_zyx[0],
-                                     settings, threshold)
-        refined = probs is not network_probs
+        probs, refined = model_probabilities(predictor, stackset, spacing_zyx[0], settings, threshold)
         prob_ct = stackset.to_ct_grid(probs)
-        del probs, network_probs, stackset
+        del probs, stackset
 
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
     differences = settings.differences_from_calibration(getattr(predictor, "metadata", {}).get("operating_point", {}))

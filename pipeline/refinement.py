@@ -46,3 +46,17 @@ def refine_probabilities(probs: np.ndarray, stackset: Any, refiner: Any, z_spaci
         return probs
     out = refined[0]
     return out if upward else np.ascontiguousarray(out[::-1])
+
+
+def model_probabilities(predictor: Any, stackset: Any, z_spacing_mm: float, settings: ProcessSettings,
+                        threshold: float, batch_size: int = 8) -> tuple[np.ndarray, bool]:
+    """The predictor's model-grid probabilities of ``stackset``, refined as the node does.
+
+    The one path the node, ``evaluate`` and ``calibrate`` share: the network (with the
+    settings' test-time flips), then the checkpoint's refiner, if it has one, on the lesion
+    found at ``threshold``. Returns the probabilities and whether the refiner changed them.
+    """
+    network = predictor.predict(stackset.inputs, batch_size=batch_size, flips=settings.test_time_flips)
+    probs = refine_probabilities(network, stackset, getattr(predictor, "refiner", None), z_spacing_mm,
+                                 settings, threshold)
+    return probs, probs is not network

@@ -40,7 +40,7 @@ class OraclePredictor:
         self.answer = built.labels_from_ct_grid(truth).astype(np.float32)
         self.truth = truth
 
-    def predict(self, inputs: np.ndarray, flips: str = "none") -> np.ndarray:
+    def predict(self, inputs: np.ndarray, batch_size: int = 8, flips: str = "none") -> np.ndarray:
         assert flips == ProcessSettings().test_time_flips, "the pipeline did not pass the settings' flips"
         assert inputs.shape == self.expected_shape, "the pipeline built different stacks"
         assert inputs.dtype == np.float32
