@@ -213,19 +213,21 @@ def process_study(
     return result
 
 
-def check_model(checkpoint: Path | None, device: str) -> str:
-    """Check, without loading the weights, that a node can run ``checkpoint`` on ``device``.
+def check_model(checkpoint: Path | None, device: str) -> None:
+    """Check, without loading the network's weights, that a node can run ``checkpoint`` on ``device``.
 
-    Returns the model version. Raises the model's :class:`~pipeline.errors.IgtvError`
-    subclasses (checkpoint missing or unreadable, device unknown or unavailable), so
-    ``serve`` refuses to start instead of failing every study later.
+    Raises the model's :class:`~pipeline.errors.IgtvError` subclasses (checkpoint or its
+    refiner missing or unreadable, device unknown or unavailable), so ``serve`` refuses to
+    start instead of failing every study later.
     """
     from model.checkpoint import read_metadata, shipped_checkpoint_path
     from model.device import resolve_device
+    from model.refiner import load_refiner
 
     resolve_device(device)
-    meta = read_metadata(Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path())
-    return str(meta.get("version", "unknown"))
+    path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
+    read_metadata(path)
+    load_refiner(path)  # small; a broken refiner file fails here, not at the first study
 
 
 @functools.lru_cache(maxsize=2)

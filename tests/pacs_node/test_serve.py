@@ -180,3 +180,16 @@ def test_serve_refuses_a_missing_checkpoint_before_it_listens(tmp_path):
     cfg.processing.device = "gpu"
     with pytest.raises(IgtvError, match="unknown device 'gpu'"):
         NodeServer(cfg)
+    import shutil
+
+    from model.checkpoint import metadata_path, shipped_checkpoint_path
+
+    shipped = shipped_checkpoint_path()
+    copy = tmp_path / "net.safetensors"
+    shutil.copy(shipped, copy)
+    shutil.copy(metadata_path(shipped), metadata_path(copy))
+    (tmp_path / "net.refiner.safetensors").write_bytes(b"not weights")
+    (tmp_path / "net.refiner.json").write_text("{")
+    cfg.processing.checkpoint, cfg.processing.device = copy, "cpu"
+    with pytest.raises(IgtvError, match="refiner .*net.refiner.safetensors"):
+        NodeServer(cfg)
