@@ -148,6 +148,7 @@ class Index:
         self._all: dict[threading.Thread, sqlite3.Connection] = {}
         self._all_lock = threading.Lock()
         self._write_lock = threading.RLock()
+        self._secrets: dict[str, bytes] = {}
         con = self.connection()
         with self._write_lock:
             version = con.execute("PRAGMA user_version").fetchone()[0]
@@ -160,7 +161,13 @@ class Index:
             con.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{steps}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
 
     def secret(self, name: str) -> bytes:
-        """This node's random secret ``name`` (32 bytes, made on first use and kept in the index)."""
+        """This node's random secret ``name`` (32 bytes, made on first use and kept in the index).
+
+        Read from the index once per name; ingest asks for it with every instance.
+        """
+        known = self._secrets.get(name)
+        if known is not None:
+            return known
         con = self.connection()
         row = con.execute("SELECT value FROM node_secrets WHERE name=?", (name,)).fetchone()
         if row is None:
@@ -168,7 +175,8 @@ class Index:
                 wcon.execute("INSERT OR IGNORE INTO node_secrets(name, value) VALUES(?, ?)",
                              (name, secrets.token_bytes(32)))
             row = con.execute("SELECT value FROM node_secrets WHERE name=?", (name,)).fetchone()
-        return bytes(row[0])
+        self._secrets[name] = bytes(row[0])
+        return self._secrets[name]
 
     # -- connections --------------------------------------------------------------
     def connection(self) -> sqlite3.Connection:
