@@ -18,7 +18,7 @@ Folder layout of a written study::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +177,15 @@ def _uids(seed: int, options: SynthOptions, grid_ct: Grid, grid_pet: Grid) -> di
     }
 
 
+def birth_date(on: date, age: int) -> str:
+    """DICOM DA of the birthday ``age`` years before ``on`` (born on 29 February: the 28th in a common year)."""
+    try:
+        born = on.replace(year=on.year - age)
+    except ValueError:
+        born = on.replace(year=on.year - age, day=28)
+    return born.strftime("%Y%m%d")
+
+
 def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticStudy:
     """Build one synthetic PET/CT study (images, truth, DICOM datasets) in memory."""
     options = (options or SynthOptions()).validate()
@@ -247,7 +256,7 @@ def generate_study(seed: int, options: SynthOptions | None = None) -> SyntheticS
     uids = _uids(seed, options, ct_grid, pet_grid)
     info = StudyInfo(
         patient_name=f"SYNTH^CASE{seed:04d}", patient_id=f"SYNTH{seed:06d}",
-        birth_date=f"{study_dt.year - age}{study_dt.strftime('%m%d')}", sex=sex, age=f"{age:03d}Y",
+        birth_date=birth_date(study_dt.date(), age), sex=sex, age=f"{age:03d}Y",
         weight_kg=round(weight, 1), height_m=height, study_uid=uids["study"], frame_of_reference_uid=uids["for"],
         pet_frame_of_reference_uid=uids["pet_for"], study_datetime=study_dt, ct_datetime=ct_dt,
         injection_datetime=inject_dt, pet_datetime=pet_dt, injected_dose_bq=round(dose, 1),

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.synth.generate import SynthOptions, SynthOptionsError, generate_study
+from pipeline.synth.generate import SynthOptions, SynthOptionsError, birth_date, generate_study
 from pipeline.synth.lesions import sample_diameter
 
 
@@ -123,6 +123,17 @@ def test_same_seed_gives_identical_pixels_and_uids():
     c = generate_study(4, SynthOptions(small=True))
     assert c.ct_datasets[0].StudyInstanceUID != a.ct_datasets[0].StudyInstanceUID
     assert c.ct_hu.tobytes() != a.ct_hu.tobytes()
+
+
+def test_a_leap_day_study_has_a_valid_birth_date():
+    # seed 58 (and every seed 700 apart) is scanned on 29 February 2024; its 61-year-old patient
+    # was born in a common year, so "19630229" failed pydicom's date conversion
+    study = generate_study(58, SynthOptions(small=True))
+    ct = study.ct_datasets[0]
+    assert ct.StudyDate == "20240229"
+    born = datetime.strptime(ct.PatientBirthDate, "%Y%m%d")
+    assert born.year == 2024 - int(ct.PatientAge[:3]) and (born.month, born.day) == (2, 28)
+    assert birth_date(datetime(2024, 3, 1).date(), 40) == "19840301"
 
 
 def test_truth_seg_reads_back(small_study, synthetic_study_object_factory):
