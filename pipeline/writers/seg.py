@@ -14,6 +14,8 @@ by the RTSTRUCT's RT ROI Interpreted Type.
 from __future__ import annotations
 
 import string
+import warnings
+from copy import deepcopy
 
 import highdicom as hd
 import numpy as np
@@ -102,7 +104,7 @@ def write_seg(
     moment = info.timestamp()
     date, time = da_tm(moment)
     seg = hd.seg.Segmentation(
-        source_images=ct.headers,
+        source_images=[highdicom_source(ct.headers[0]), *ct.headers[1:]],
         pixel_array=label_map,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(info, labels),
@@ -129,6 +131,34 @@ def write_seg(
     seg.InstanceCreationDate = DA(date)
     seg.InstanceCreationTime = TM(time)
     return seg
+
+
+def highdicom_source(header: Dataset) -> Dataset:
+    """A copy of the first CT header whose patient and study values highdicom can parse.
+
+    highdicom parses the birth date, study date and time and sex of the first source image;
+    values senders do write ("00000000" for an unknown birth date, "Male") would stop the SEG.
+    Those, and the attributes it reads but the CT lacks, are empty in the copy; the SEG still
+    carries the CT's own values (:func:`copy_patient_study`).
+    """
+    source = deepcopy(header)
+    for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = source.get(keyword)
+        if not value:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parse(value)
+        except ValueError:
+            setattr(source, keyword, "")
+    if source.get("PatientSex") not in ("M", "F", "O"):
+        source.PatientSex = ""
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyID", "StudyDate",
+                    "StudyTime"):
+        if keyword not in source:
+            setattr(source, keyword, "")
+    return source
 
 
 def _cs_label(text: str) -> str:

@@ -160,3 +160,18 @@ def test_non_ascii_names_and_series_numbers_survive_both_writers(ct_factory, inf
         back = dcmread(path)
         assert str(back.PatientName) == "Müller^Jürgen"
         assert back.SeriesNumber == number
+
+
+def test_patient_values_highdicom_cannot_parse_still_give_a_seg(small_ct, info, tmp_path):
+    # senders write "00000000" for an unknown birth date; highdicom parses it and stopped the SEG
+    ct = small_ct.volume
+    for header in ct.headers:
+        header.PatientBirthDate = "00000000"
+        header.PatientSex = "Male"
+        del header.StudyTime
+    seg_read, _ = read_back(write_seg(lesions(small_ct), ct, info), tmp_path)
+    # the SEG carries the CT's own values, and the CT headers are left as they were
+    assert seg_read.PatientBirthDate == "00000000" and seg_read.PatientSex == "Male"
+    assert seg_read.StudyTime == ""
+    assert ct.headers[0].PatientBirthDate == "00000000" and "StudyTime" not in ct.headers[0]
+    np.testing.assert_array_equal(pixels_per_source(seg_read, small_ct)[..., 0].astype(bool), lesions(small_ct) == 1)
