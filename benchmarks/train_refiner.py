@@ -12,8 +12,11 @@ Usage (from the folder holding ``data/`` and the sample cache ``cache/`` that
     python benchmarks/train_refiner.py eval data/select_igtv --out runs/refiner_base.safetensors
 
 ``probs`` stores the network's probabilities of each study (``--checkpoint``, default the
-shipped one; uint8, under ``--probs``); ``train`` uses the 448 IGTV studies' split of ``train_default.sh`` (seed 17,
-10 % validation), keeps the epoch with the best validation Dice and writes the refiner
+shipped one; uint8, under ``--probs``); ``crops`` stores each study's training crop under
+``--crops`` (after which the study's DICOM files may go); ``train`` learns from the crops of
+the ``--crops`` folders, or without them from the 448 IGTV studies' training split of
+``train_default.sh`` (seed 17, 10 % validation), validates on that split's validation
+studies, keeps the epoch with the best validation Dice and writes the refiner
 beside ``--out`` (``NAME.refiner.safetensors``: copy it beside the checkpoint it refines);
 ``eval`` prints, on the model grid, the mean Dice of the lesion the node delivers without
 and with the refiner, and by IGTV size.
@@ -102,6 +105,48 @@ def training_crop(volume: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, n
     return x, label
 
 
+def fits_crop(target: np.ndarray) -> bool:
+    """Whether the IGTV fits the refiner's crop with 2 voxels to spare on each side."""
+    extent = [np.ptp(v) + 1 for v in np.nonzero(target)]
+    return all(e <= c - 4 for e, c in zip(extent, CROP, strict=True))
+
+
+def store_crops(folders: list[str], cache: Path, probs: Path, crops: Path, checkpoint: Path | None) -> None:
+    """Each study's training crop (:func:`training_crop`, float16 input and label) under ``crops``.
+
+    A study whose IGTV does not fit the crop is stored without one (``fits`` 0). Once stored,
+    a crop needs neither the study's DICOM files nor its cached samples.
+    """
+    _, _, prep = network_of(checkpoint)
+    crops.mkdir(parents=True, exist_ok=True)
+    for i, ref in enumerate(labelled(folders)):
+        path = crops / f"{ref.study_uid}.npz"
+        if path.exists():
+            continue
+        volume, target, _ = study_volume(ref, prep, cache, probs)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        if fits_crop(target):
+            x, y = training_crop(volume, target)
+            np.savez_compressed(tmp, fits=1, x=x.astype(np.float16), y=y)
+        else:
+            np.savez_compressed(tmp, fits=0)
+        tmp.replace(path)
+        print(f"{i + 1} studies", flush=True)
+
+
+def load_crops(folders: list[Path], exclude: set[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The fitting training crops stored in ``folders``, except those of the studies in ``exclude``."""
+    data = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.npz")):
+            if path.stem in exclude or path.name.endswith(".tmp.npz"):
+                continue
+            with np.load(path) as f:
+                if int(f["fits"]):
+                    data.append((f["x"], f["y"]))
+    return data
+
+
 def delivered(prob: np.ndarray, spacing: tuple[float, float], threshold: float) -> np.ndarray:
     """The lesion the node delivers from model-grid probabilities (default post-processing)."""
     from pipeline.postprocess import postprocess_with
@@ -148,8 +193,12 @@ def evaluate(model: LesionRefiner, refs, prep, cache: Path, probs: Path, thresho
 
 
 def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | None,
-          widths: tuple[int, int, int] = (8, 16, 32), seed: int = 5) -> None:
-    """Train on the 448 studies' training split, validate each epoch, keep the best."""
+          widths: tuple[int, int, int] = (8, 16, 32), seed: int = 5, crops: list[Path] | None = None) -> None:
+    """Train, validate each epoch on the 448 studies' validation split, keep the best.
+
+    The training crops are those stored in ``crops`` (:func:`store_crops`; never a study of
+    the validation split); without ``crops``, those of the 448 studies' training split.
+    """
     from pipeline.training import split_studies
 
     torch.manual_seed(seed)
@@ -159,14 +208,18 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
     refs = labelled(list(TRAIN_SETS))
     train_uids, val_uids = split_studies([r.study_uid for r in refs], 0.1, 17)
     by_uid = {r.study_uid: r for r in refs}
-    data = []
-    for uid in train_uids:
-        volume, target, _ = study_volume(by_uid[uid], prep, cache, probs)
-        extent = [np.ptp(v) + 1 for v in np.nonzero(target)]
-        if all(e <= c - 4 for e, c in zip(extent, CROP, strict=True)):  # the refiner only sees lesions that fit
-            x, y = training_crop(volume, target)
-            data.append((x.astype(np.float16), y))
-    print(f"{len(data)} training crops from {len(train_uids)} studies", flush=True)
+    if crops:
+        data = load_crops(crops, set(val_uids))
+        source = f"{len(data)} stored training crops ({', '.join(c.name for c in crops)})"
+    else:
+        data = []
+        for uid in train_uids:
+            volume, target, _ = study_volume(by_uid[uid], prep, cache, probs)
+            if fits_crop(target):  # the refiner only sees lesions that fit
+                x, y = training_crop(volume, target)
+                data.append((x.astype(np.float16), y))
+        source = f"{len(data)} training crops of the 448 studies' training split"
+    print(source, flush=True)
     model = LesionRefiner(widths)
     batch = 4
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
@@ -209,15 +262,15 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
               f"{val['delivered']:.4f} -> {val['refined']:.4f}", flush=True)
         if val["refined"] > best:
             best = val["refined"]
-            save_refiner(model, out, {"trained_on": "shipped checkpoint's probabilities, 403 IGTV studies",
+            save_refiner(model, out, {"trained_on": f"shipped checkpoint's probabilities; {source}",
                                       "best_epoch": epoch, "val_dice": val["refined"],
                                       "val_dice_without": val["delivered"], "seed": seed})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("probs", "train", "eval"))
-    parser.add_argument("data", nargs="*", help="study folders (probs, eval)")
+    parser.add_argument("action", choices=("probs", "crops", "train", "eval"))
+    parser.add_argument("data", nargs="*", help="study folders (probs, crops, eval)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the network whose lesions are refined (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=Path("runs/refiner_base.safetensors"),
@@ -226,16 +279,22 @@ def main() -> None:
     parser.add_argument("--widths", default="8,16,32", help="refiner channels at full, half and quarter resolution")
     parser.add_argument("--cache", type=Path, default=Path("cache"))
     parser.add_argument("--probs", type=Path, default=Path("runs/refiner_probs"))
+    parser.add_argument("--crops", type=Path, action="append", default=None,
+                        help="a folder of training crops: written by crops; train uses every one given")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.action == "probs":
         store_probabilities(args.data, args.cache, args.probs, args.checkpoint)
+    elif args.action == "crops":
+        if not args.crops or len(args.crops) != 1:
+            parser.error("crops takes one --crops folder to write")
+        store_crops(args.data, args.cache, args.probs, args.crops[0], args.checkpoint)
     elif args.action == "train":
         widths = tuple(int(w) for w in args.widths.split(","))
         if len(widths) != 3:
             parser.error("--widths takes three numbers")
-        train(args.epochs, args.out, args.cache, args.probs, args.checkpoint, widths)
+        train(args.epochs, args.out, args.cache, args.probs, args.checkpoint, widths, crops=args.crops)
     else:
         _, meta, prep = network_of(args.checkpoint)
         model = load_refiner(args.out)
