@@ -5,7 +5,8 @@
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
 #   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner eval; also, not
-#   in the default: refine7 (session 8's candidate on 448 studies), refine10 and refine11 (session 10's)
+#   in the default: refine7 (session 8's candidate on 448 studies), refine10 and refine11 (session 10's),
+#   refiner12 (session 12's refiner candidates)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
 #   PYTHON    the Python of that installation, for the refiner stage (default: python3)
@@ -54,6 +55,10 @@ on_256() {  # the 256 IGTV studies of refine_igtv and more_igtv
 on_448() {  # those and the 192 of extra_igtv (session 8)
     SETS=("$DATA/refine_igtv" "$DATA/more_igtv" "$DATA/extra_igtv")
     fine_tune "$@"
+}
+refiner_step() {  # benchmarks/train_refiner.py ACTION [ARG ...] on the shipped network, from WORKDIR
+    (cd "$WORK" && $PYTHON "$HERE/train_refiner.py" "$@" --checkpoint runs/igtv_sim_mamba.safetensors \
+        --probs runs/refiner_probs)
 }
 
 for stage in $STAGES; do
@@ -166,10 +171,31 @@ for stage in $STAGES; do
         # training and 48 selection studies, 16 epochs of a 12-24-48-channel refiner on the 448's
         # training split (seed 17; the best by validation Dice), written beside the checkpoint as
         # igtv_sim_mamba.refiner.*
-        (cd "$WORK" && $PYTHON "$HERE/train_refiner.py" probs data/select_igtv data/refine_igtv data/more_igtv \
-            data/extra_igtv --checkpoint runs/igtv_sim_mamba.safetensors --probs runs/refiner_probs &&
-            $PYTHON "$HERE/train_refiner.py" train --epochs 16 --widths 12,24,48 --checkpoint runs/igtv_sim_mamba.safetensors \
-            --probs runs/refiner_probs --out runs/igtv_sim_mamba.safetensors)
+        refiner_step probs data/select_igtv data/refine_igtv data/more_igtv data/extra_igtv
+        refiner_step train --epochs 16 --widths 12,24,48 --out runs/igtv_sim_mamba.safetensors
+        ;;
+    refiner12)
+        # session 12's refiner candidates, not shipped (the selection studies scored them 0.8679
+        # and 0.8682 against the shipped refiner's 0.8687): crops of 400 studies made for the refiner
+        # alone (seeds 4000-4399, never seen by the network; made 50 at a time and deleted once
+        # reduced to their crops: 4 GB of DICOM per 50), then a 12-24-48-channel refiner on those
+        # alone (16 epochs) and on those with the 448's training split (8 epochs); run after stage refiner
+        refiner_step crops data/refine_igtv data/more_igtv data/extra_igtv --crops runs/refiner_crops_448
+        for part in 0 1 2 3 4 5 6 7; do
+            [[ -f $RUNS/refiner_crops_fresh/.part$part ]] && continue
+            rm -rf "$DATA/refiner_igtv"
+            $IGTV synth "$DATA/refiner_igtv" --seed $((4000 + 50 * part)) --cases 50 --motion breathing --workers "$WORKERS"
+            refiner_step probs data/refiner_igtv
+            refiner_step crops data/refiner_igtv --crops runs/refiner_crops_fresh
+            rm -rf "$DATA/refiner_igtv"
+            touch "$RUNS/refiner_crops_fresh/.part$part"
+        done
+        refiner_step train --epochs 16 --widths 12,24,48 --crops runs/refiner_crops_fresh --out runs/refiner12_fresh.safetensors
+        refiner_step train --epochs 8 --widths 12,24,48 --crops runs/refiner_crops_448 --crops runs/refiner_crops_fresh \
+            --out runs/refiner12_mix.safetensors
+        for name in fresh mix; do
+            refiner_step eval data/select_igtv --out runs/refiner12_$name.safetensors
+        done
         ;;
     eval)
         $IGTV evaluate "$DATA/val_igtv" --checkpoint "$RUNS/igtv_sim_mamba.safetensors" --device "$DEVICE" \
@@ -178,7 +204,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate eval refine7 grow refine9 refine10 refine11)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate refiner eval refine7 grow refine9 refine10 refine11 refiner12)" >&2
         exit 2
         ;;
     esac
