@@ -9,8 +9,9 @@ Without ``--study`` the input is a sliding window over random planes of the
 given size (N stacks, as the pipeline's stack builder makes them: only slices
 that can contain lung, cropped around the lungs). With ``--study`` a DICOM
 study goes through the pipeline's loading and stack building first (timed
-separately). Prints seconds and peak RSS (target: <= 10 s and < 2 GiB on the
-2-core CPU). A benchmark, not a test.
+separately) and the checkpoint's lesion refiner, if it has one, runs after the
+network as in the node (timed separately). Prints seconds and peak RSS (target:
+<= 10 s and < 2 GiB on the 2-core CPU). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -96,6 +97,18 @@ def main() -> None:
     print(f"model {pred.version}: K={k} (slice step {step}), {n} stacks of {h}x{w}, {a.threads} threads, test-time flips {a.flips!r}")
     print(f"checkpoint load: {t_load:.2f} s")
     print(f"inference: {t_inf:.2f} s ({1000 * t_inf / n:.1f} ms/stack); target <= 10 s")
+    if a.study is not None:
+        from pipeline.refinement import refine_probabilities
+
+        settings = ProcessSettings()
+        z_mm = float(ct.image.GetSpacing()[2])
+        peak_before = _peak_rss_mib()
+        t3 = time.perf_counter()
+        refined = refine_probabilities(probs, stackset, pred.refiner, z_mm, settings, settings.threshold_for(pred.threshold))
+        t_ref = time.perf_counter() - t3
+        state = "changed the lesion" if refined is not probs else "left the probabilities as they were"
+        print(f"lesion refiner: {t_ref:.2f} s ({state}); network and refiner {t_inf + t_ref:.2f} s; "
+              f"peak RSS before it {peak_before:.0f} MiB")
     print(f"peak RSS: {_peak_rss_mib():.0f} MiB; target < 2048 MiB")
     assert probs.shape == (n, h, w)
 
