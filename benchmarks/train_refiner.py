@@ -111,6 +111,15 @@ def fits_crop(target: np.ndarray) -> bool:
     return all(e <= c - 4 for e, c in zip(extent, CROP, strict=True))
 
 
+def study_crop(ref, prep, cache: Path, probs: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The study's float16 training crop and label (:func:`training_crop`); None when the IGTV does not fit."""
+    volume, target, _ = study_volume(ref, prep, cache, probs)
+    if not fits_crop(target):  # the refiner only sees lesions that fit
+        return None
+    x, y = training_crop(volume, target)
+    return x.astype(np.float16), y
+
+
 def store_crops(folders: list[str], cache: Path, probs: Path, crops: Path, checkpoint: Path | None) -> None:
     """Each study's training crop (:func:`training_crop`, float16 input and label) under ``crops``.
 
@@ -123,13 +132,12 @@ def store_crops(folders: list[str], cache: Path, probs: Path, crops: Path, check
         path = crops / f"{ref.study_uid}.npz"
         if path.exists():
             continue
-        volume, target, _ = study_volume(ref, prep, cache, probs)
+        crop = study_crop(ref, prep, cache, probs)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        if fits_crop(target):
-            x, y = training_crop(volume, target)
-            np.savez_compressed(tmp, fits=1, x=x.astype(np.float16), y=y)
-        else:
+        if crop is None:
             np.savez_compressed(tmp, fits=0)
+        else:
+            np.savez_compressed(tmp, fits=1, x=crop[0], y=crop[1])
         tmp.replace(path)
         print(f"{i + 1} studies", flush=True)
 
@@ -212,12 +220,7 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
         data = load_crops(crops, set(val_uids))
         source = f"{len(data)} stored training crops ({', '.join(c.name for c in crops)})"
     else:
-        data = []
-        for uid in train_uids:
-            volume, target, _ = study_volume(by_uid[uid], prep, cache, probs)
-            if fits_crop(target):  # the refiner only sees lesions that fit
-                x, y = training_crop(volume, target)
-                data.append((x.astype(np.float16), y))
+        data = [c for c in (study_crop(by_uid[uid], prep, cache, probs) for uid in train_uids) if c is not None]
         source = f"{len(data)} training crops of the 448 studies' training split"
     print(source, flush=True)
     model = LesionRefiner(widths)
