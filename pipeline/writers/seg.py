@@ -28,6 +28,7 @@ from pipeline.writers.common import (
     ALGORITHM_NAME,
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
+    TYPE2_KEYWORDS,
     ResultInfo,
     copy_patient_study,
     da_tm,
@@ -154,8 +155,7 @@ def highdicom_source(header: Dataset) -> Dataset:
             setattr(source, keyword, "")
     if source.get("PatientSex") not in ("M", "F", "O"):
         source.PatientSex = ""
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyID", "StudyDate",
-                    "StudyTime"):
+    for keyword in TYPE2_KEYWORDS:
         if keyword not in source:
             setattr(source, keyword, "")
     return source
