@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from nodetest_helpers import (
 )
 from pydicom import dcmread
 
+from model.checkpoint import metadata_path, shipped_checkpoint_path
 from pacs_node.config import Destination
 
 pytestmark = pytest.mark.peers
@@ -180,10 +182,6 @@ def test_serve_refuses_a_missing_checkpoint_before_it_listens(tmp_path):
     cfg.processing.device = "gpu"
     with pytest.raises(IgtvError, match="unknown device 'gpu'"):
         NodeServer(cfg)
-    import shutil
-
-    from model.checkpoint import metadata_path, shipped_checkpoint_path
-
     shipped = shipped_checkpoint_path()
     copy = tmp_path / "net.safetensors"
     shutil.copy(shipped, copy)
