@@ -36,10 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from model.refiner import CROP, LesionRefiner, crop_around, load_refiner, save_refiner  # noqa: E402
+from model.refiner import (  # noqa: E402
+    CROP,
+    LesionRefiner,
+    augmented,
+    crop_around,
+    load_refiner,
+    refiner_loss,
+    save_refiner,
+)
 
 #: Training jitter (z, y, x) of the crop around the IGTV, on each side.
 JITTER = (4, 8, 8)
@@ -239,21 +246,12 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
                 x, y = data[j]
                 o = [int(rng.integers(0, 2 * m + 1)) for m in JITTER]
                 window = tuple(slice(a, a + c) for a, c in zip(o, CROP, strict=True))
-                x, y = x[(slice(None), *window)].astype(np.float32), y[window]
-                for axis in (2, 1):  # left-right and anterior-posterior flips
-                    if rng.random() < 0.5:
-                        x, y = np.flip(x, axis + 1), np.flip(y, axis)
-                x = x.copy()
-                x[0] *= rng.uniform(0.9, 1.1)  # PET intensity jitter
+                x, (y,) = augmented(x[(slice(None), *window)].astype(np.float32), [y[window]], rng)
                 xs.append(x)
-                ys.append(y.copy())
+                ys.append(y)
             xb = torch.from_numpy(np.stack(xs))
             yb = torch.from_numpy(np.stack(ys)).float()[:, None]
-            logits = model(xb)
-            p = torch.sigmoid(logits)
-            overlap = (p * yb).sum((1, 2, 3, 4))
-            sizes = p.sum((1, 2, 3, 4)) + yb.sum((1, 2, 3, 4))
-            loss = F.binary_cross_entropy_with_logits(logits, yb) + (1 - (2 * overlap + 1) / (sizes + 1)).mean()
+            loss = refiner_loss(model(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -51,12 +51,16 @@ class LesionRefiner(nn.Module):
         Channels at full, half and quarter resolution.
     crop:
         The (z, y, x) crop it was trained on.
+    pool:
+        Downsampling (z, y, x) between levels: (2, 2, 2) on the model grid; (1, 2, 2) for
+        the outline refiner (:mod:`model.outline`), whose CT slices are already coarse.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), crop: tuple[int, int, int] = CROP) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), crop: tuple[int, int, int] = CROP,
+                 pool: tuple[int, int, int] = (2, 2, 2)) -> None:
         super().__init__()
         w0, w1, w2 = widths
-        self.widths, self.crop = tuple(widths), tuple(crop)
+        self.widths, self.crop, self.pool = tuple(widths), tuple(crop), tuple(pool)
         self.e0, self.e1, self.e2 = _Block(3, w0), _Block(w0, w1), _Block(w1, w2)
         self.d1, self.d0 = _Block(w2 + w1, w1), _Block(w1 + w0, w0)
         self.head = nn.Conv3d(w0, 1, 1)
@@ -64,10 +68,10 @@ class LesionRefiner(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prior = torch.logit(x[:, 2:3].clamp(1e-3, 1 - 1e-3))
         a = self.e0(x)
-        b = self.e1(F.max_pool3d(a, 2))
-        c = self.e2(F.max_pool3d(b, 2))
-        b = self.d1(torch.cat([F.interpolate(c, scale_factor=2, mode="trilinear"), b], 1))
-        a = self.d0(torch.cat([F.interpolate(b, scale_factor=2, mode="trilinear"), a], 1))
+        b = self.e1(F.max_pool3d(a, self.pool))
+        c = self.e2(F.max_pool3d(b, self.pool))
+        b = self.d1(torch.cat([F.interpolate(c, size=b.shape[2:], mode="trilinear"), b], 1))
+        a = self.d0(torch.cat([F.interpolate(b, size=a.shape[2:], mode="trilinear"), a], 1))
         return self.head(a) + prior
 
     def refine(self, volume: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]] | None:
@@ -102,6 +106,33 @@ class LesionRefiner(nn.Module):
         return out, src
 
 
+def augmented(x: np.ndarray, labels: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A refiner's training crop augmented: left-right and anterior-posterior flips, PET gain within ±10 %.
+
+    ``x`` is (3, Z, Y, X) with PET first; each of ``labels`` (Z, Y, X) is flipped with it.
+    Returns copies.
+    """
+    for axis in (2, 1):
+        if rng.random() < 0.5:
+            x, labels = np.flip(x, axis + 1), [np.flip(a, axis) for a in labels]
+    x = x.copy()
+    x[0] *= rng.uniform(0.9, 1.1)
+    return x, [a.copy() for a in labels]
+
+
+def refiner_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE plus soft Dice per crop (smoothed by 1), over the voxels of ``mask`` (default: all).
+
+    All tensors are (B, 1, Z, Y, X); ``mask`` is 1 where a crop holds the study (not padding).
+    """
+    mask = torch.ones_like(target) if mask is None else mask
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask).sum() / mask.sum()
+    p = torch.sigmoid(logits) * mask
+    dims = tuple(range(1, p.ndim))
+    soft_dice = 1 - (2 * (p * target).sum(dims) + 1) / (p.sum(dims) + (target * mask).sum(dims) + 1)
+    return bce + soft_dice.mean()
+
+
 def crop_around(volume: np.ndarray, centre: list[float], size: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
     """(3, Z, Y, X) crop of an (N, 3, H, W) volume centred at ``centre`` (z, y, x), padded with :data:`FILL`.
 
@@ -119,30 +150,35 @@ def crop_around(volume: np.ndarray, centre: list[float], size: tuple[int, ...]) 
     return out, (tuple(src), tuple(dst))
 
 
-def refiner_path(checkpoint: Path) -> Path:
-    """Where the refiner of ``checkpoint`` lives: ``NAME.refiner.safetensors`` beside it."""
+def refiner_path(checkpoint: Path, kind: str = "refiner") -> Path:
+    """Where a refiner of ``checkpoint`` lives: ``NAME.KIND.safetensors`` beside it.
+
+    ``kind`` is "refiner" for the lesion refiner and "outline" for the outline refiner
+    (:mod:`model.outline`).
+    """
     checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + ".refiner.safetensors")
+    return checkpoint.with_name(f"{checkpoint.stem}.{kind}.safetensors")
 
 
-def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any]) -> Path:
-    """Write ``model`` beside ``checkpoint`` (weights and JSON metadata); returns the weights' path."""
-    path = refiner_path(checkpoint)
+def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any], kind: str = "refiner") -> Path:
+    """Write ``model`` beside ``checkpoint`` as ``kind`` (weights and JSON metadata); returns the weights' path."""
+    path = refiner_path(checkpoint, kind)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
-    record = {**meta, "format": FORMAT, "widths": list(model.widths), "crop": list(model.crop)}
+    record = {**meta, "format": FORMAT, "widths": list(model.widths), "crop": list(model.crop),
+              "pool": list(model.pool)}
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def load_refiner(checkpoint: Path, device: str | torch.device = "cpu") -> LesionRefiner | None:
-    """The refiner beside ``checkpoint``, or None when it has none.
+def load_refiner(checkpoint: Path, device: str | torch.device = "cpu", kind: str = "refiner") -> LesionRefiner | None:
+    """The refiner of ``kind`` beside ``checkpoint``, or None when it has none.
 
     Raises
     ------
     CheckpointError
         The refiner's files are incomplete, of another format, or do not fit its metadata.
     """
-    path = refiner_path(checkpoint)
+    path = refiner_path(checkpoint, kind)
     if not path.is_file():
         return None
     try:
@@ -151,7 +187,7 @@ def load_refiner(checkpoint: Path, device: str | torch.device = "cpu") -> Lesion
         raise CheckpointError(f"refiner {path}: metadata {path.with_suffix('.json').name} unreadable ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"refiner {path}: metadata is not {FORMAT}")
-    model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]))
+    model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]), tuple(meta.get("pool", (2, 2, 2))))
     try:
         model.load_state_dict(load_file(str(path)))
     except (RuntimeError, OSError, ValueError) as exc:

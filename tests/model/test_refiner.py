@@ -13,8 +13,10 @@ from model.refiner import (
     CROP,
     FILL,
     LesionRefiner,
+    augmented,
     crop_around,
     load_refiner,
+    refiner_loss,
     refiner_path,
     save_refiner,
 )
@@ -93,3 +95,30 @@ def test_a_broken_refiner_is_refused_with_its_path(tmp_path):
     meta.write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_refiner(checkpoint)
+
+
+def test_the_training_loss_ignores_the_padding_outside_the_mask():
+    torch.manual_seed(3)
+    logits, target = torch.randn(2, 1, 4, 6, 6), (torch.rand(2, 1, 4, 6, 6) > 0.5).float()
+    pad = (0, 3, 0, 2)  # x and y padded at their far ends
+    padded_logits = torch.nn.functional.pad(logits, pad, value=5.0)
+    padded_target = torch.nn.functional.pad(target, pad, value=0.0)
+    mask = torch.nn.functional.pad(torch.ones_like(target), pad, value=0.0)
+    assert torch.allclose(refiner_loss(padded_logits, padded_target, mask), refiner_loss(logits, target), atol=1e-6)
+    assert not torch.allclose(refiner_loss(padded_logits, padded_target), refiner_loss(logits, target), atol=1e-3)
+
+
+def test_augmentation_flips_input_and_labels_together_and_scales_only_the_pet():
+    x = np.random.default_rng(0).random((3, 4, 6, 8), dtype=np.float32) + 0.5
+    label = np.random.default_rng(1).random((4, 6, 8)) > 0.5
+    original = x.copy()
+    seen = set()
+    for seed in range(16):
+        ax, (al,) = augmented(x, [label], np.random.default_rng(seed))
+        (axes,) = [a for a in ((), (1,), (2,), (1, 2)) if np.array_equal(ax[2], np.flip(x[2], a))]
+        seen.add(axes)
+        assert np.array_equal(ax[1], np.flip(x[1], axes)) and np.array_equal(al, np.flip(label, axes))
+        gain = ax[0] / np.flip(x[0], axes)
+        assert np.allclose(gain, gain.flat[0]) and 0.9 <= gain.flat[0] <= 1.1
+    assert len(seen) == 4  # every flip combination occurs
+    assert np.array_equal(x, original)  # the input is left alone
