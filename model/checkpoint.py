@@ -262,7 +262,11 @@ def shipped_checkpoint_info() -> str:
     if not path.is_file():
         return f"no shipped checkpoint at {path}"
     summary = checkpoint_summary(read_metadata(path))
-    return summary + ("; with its 3D lesion refiner" if refiner_path(path).is_file() else "")
+    if refiner_path(path).is_file():
+        summary += "; with its 3D lesion refiner"
+    if refiner_path(path, "outline").is_file():
+        summary += "; with its CT-grid outline refiner"
+    return summary
 
 
 def checkpoint_summary(meta: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from model.checkpoint import load_checkpoint, operating_threshold, shipped_checkpoint_path
 from model.device import resolve_device
+from model.outline import KIND as OUTLINE
 from model.preprocessing import Preprocessing
 from model.refiner import LesionRefiner, load_refiner
 
@@ -41,6 +42,8 @@ class Predictor:
         Where inference runs.
     refiner:
         The checkpoint's lesion refiner (:mod:`model.refiner`), or None when it has none.
+    outline:
+        The checkpoint's outline refiner (:mod:`model.outline`), or None when it has none.
     """
 
     network: nn.Module
@@ -49,6 +52,7 @@ class Predictor:
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     refiner: LesionRefiner | None = None
+    outline: LesionRefiner | None = None
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> Predictor:
@@ -63,6 +67,7 @@ class Predictor:
             metadata=meta,
             device=dev,
             refiner=load_refiner(path),  # on the CPU: one small crop per study
+            outline=load_refiner(path, kind=OUTLINE),  # on the CPU: one box on the CT grid
         )
 
     @property

@@ -1,0 +1,55 @@
+"""The outline refiner: its box, padding, an untrained one's output, and its files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from model.outline import KIND, MULTIPLE, POOL, lesion_box, outline_crop, outline_refiner, padded
+from model.refiner import FILL, load_refiner, refiner_path, save_refiner
+
+
+def test_the_box_grows_the_lesion_by_the_margin_and_stops_at_the_array():
+    lesion = np.zeros((20, 30, 30), bool)
+    lesion[1:4, 10:15, 25:28] = True
+    assert lesion_box(lesion, (3, 8, 8)) == (slice(0, 7), slice(2, 23), slice(17, 30))
+    assert lesion_box(np.zeros((4, 4, 4), bool)) is None
+
+
+def test_padding_reaches_the_pooling_multiple_with_the_fill_values():
+    crop = np.random.default_rng(0).random((3, 5, 13, 18), dtype=np.float32)
+    out = padded(crop)
+    assert out.shape == (3, 5, 16, 20) and out.shape[2] % MULTIPLE == 0 == out.shape[3] % MULTIPLE
+    assert np.array_equal(out[:, :, :13, :18], crop)
+    for channel, fill in enumerate(FILL):
+        assert np.all(out[channel, :, 13:] == fill) and np.all(out[channel, :, :, 18:] == fill)
+
+
+def test_a_new_outline_refiner_returns_its_input_probability_on_any_box():
+    torch.manual_seed(0)
+    model = outline_refiner().eval()
+    crop = np.random.default_rng(1).random((3, 7, 21, 30), dtype=np.float32) * 0.98 + 0.01
+    out = outline_crop(model, crop)
+    assert out.shape == (7, 21, 30)
+    assert np.allclose(out, crop[2], atol=1e-5)
+
+
+def test_a_trained_outline_refiner_is_saved_and_loaded_beside_its_checkpoint(tmp_path):
+    torch.manual_seed(2)
+    model = outline_refiner()
+    torch.nn.init.normal_(model.head.weight)  # a correction that is not zero
+    checkpoint = tmp_path / "net.safetensors"
+    assert load_refiner(checkpoint, kind=KIND) is None
+    path = save_refiner(model, checkpoint, {"best_epoch": 4}, kind=KIND)
+    assert path == refiner_path(checkpoint, KIND) == tmp_path / "net.outline.safetensors"
+    assert load_refiner(checkpoint) is None  # the lesion refiner's file is another one
+    meta = json.loads((tmp_path / "net.outline.json").read_text())
+    assert meta["pool"] == list(POOL) and meta["best_epoch"] == 4
+    loaded = load_refiner(checkpoint, kind=KIND)
+    assert loaded.pool == POOL
+    crop = np.random.default_rng(3).random((3, 6, 16, 24), dtype=np.float32)
+    expected = outline_crop(model.eval(), crop)
+    assert np.array_equal(outline_crop(loaded, crop), expected)
+    assert not np.allclose(expected, crop[2], atol=1e-3)
