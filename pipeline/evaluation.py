@@ -85,19 +85,22 @@ def case_probabilities(case: LoadedCase, predictor: Any, settings: ProcessSettin
     """The model's probabilities of one case on the CT grid (before post-processing), as the node computes them.
 
     ``settings`` (default: the node's defaults) give the test-time flips and, with the
-    checkpoint's threshold, the lesion its refiner re-outlines. ``stackset``: the case's
+    checkpoint's threshold, the lesion its refiners re-outline. ``stackset``: the case's
     stacks when the caller has built them already (with the predictor's preprocessing);
     built here otherwise.
     """
+    import SimpleITK as sitk
+
     from pipeline import stacks
-    from pipeline.refinement import model_probabilities
+    from pipeline.refinement import ct_grid_probabilities
 
     settings = settings or ProcessSettings()
     if stackset is None:
         stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
-    probs, _ = model_probabilities(predictor, stackset, case.spacing_zyx[0], settings,
-                                   settings.threshold_for(predictor.threshold), batch_size=16)
-    return stackset.to_ct_grid(probs)
+    prob_ct, _ = ct_grid_probabilities(predictor, stackset, sitk.GetArrayViewFromImage(case.ct.image),
+                                       sitk.GetArrayViewFromImage(case.pet_on_ct), case.spacing_zyx, settings,
+                                       settings.threshold_for(predictor.threshold), batch_size=16)
+    return prob_ct
 
 
 def postprocess_case(case: LoadedCase, prob_ct: np.ndarray, settings: ProcessSettings, threshold: float) -> np.ndarray:
@@ -257,7 +260,9 @@ def run_evaluation(
     summary = _summary(rows, methods)
     by_size = size_breakdown(rows, methods)
     table = format_table(summary) + "\n\n" + format_size_table(by_size)
-    versions = {name: p.version + (" with its lesion refiner" if getattr(p, "refiner", None) else "")
+    versions = {name: p.version + "".join(f" with its {what}" for what, attr in
+                                          (("lesion refiner", "refiner"), ("outline refiner", "outline"))
+                                          if getattr(p, attr, None) is not None)
                 for name, p in models.items()}
     thresholds = {name: settings.threshold_for(p.threshold) for name, p in models.items()}
     result = {"cases": rows, "summary": summary, "by_size": by_size, "table": table, "versions": versions,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from pipeline.refinement import model_probabilities
+from pipeline.refinement import ct_grid_probabilities
 from pipeline.settings import ProcessSettings
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,12 @@ def process_study(
         stackset = stacks.build_stacks(ct, pet_on_ct, predictor.preprocessing)
     spacing_zyx = tuple(float(s) for s in reversed(ct.image.GetSpacing()))
     threshold = settings.threshold_for(predictor.threshold)
-    with timer.stage("inference"):
-        probs, refined = model_probabilities(predictor, stackset, spacing_zyx[0], settings, threshold)
-        prob_ct = stackset.to_ct_grid(probs)
-        del probs, stackset
-
     suv_ct = sitk.GetArrayViewFromImage(pet_on_ct)
+    with timer.stage("inference"):
+        prob_ct, refined = ct_grid_probabilities(predictor, stackset, sitk.GetArrayViewFromImage(ct.image), suv_ct,
+                                                 spacing_zyx, settings, threshold)
+        del stackset
+
     differences = settings.differences_from_calibration(getattr(predictor, "metadata", {}).get("operating_point", {}))
     if differences:
         warn_calibration_differs(predictor.version, differences)
@@ -185,7 +185,8 @@ def process_study(
         components,
         timer.timings,
         {"version": predictor.version, "preprocessing": predictor.preprocessing.to_dict(),
-         "lesion_refiner": getattr(predictor, "refiner", None) is not None, "lesion_refined": refined},
+         "lesion_refiner": getattr(predictor, "refiner", None) is not None,
+         "outline_refiner": getattr(predictor, "outline", None) is not None, **refined},
         {
             **report_writer.uid_entries(ct, None, {"seg": seg, "rtstruct": rts}),
             "pet_series_instance_uid": chosen.pet.uid,
@@ -222,12 +223,14 @@ def check_model(checkpoint: Path | None, device: str) -> None:
     """
     from model.checkpoint import read_metadata, shipped_checkpoint_path
     from model.device import resolve_device
+    from model.outline import KIND as OUTLINE
     from model.refiner import load_refiner
 
     resolve_device(device)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
     read_metadata(path)
     load_refiner(path)  # small; a broken refiner file fails here, not at the first study
+    load_refiner(path, kind=OUTLINE)
 
 
 @functools.lru_cache(maxsize=2)

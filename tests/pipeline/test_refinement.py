@@ -1,13 +1,16 @@
-"""Where the lesion refiner is applied: the found lesion, slice order, and when it is left out."""
+"""Where the lesion and outline refiners are applied: the found lesion, orientation, and when they are left out."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
-from pipeline.refinement import refine_probabilities
+from model.preprocessing import Preprocessing
+from pipeline.refinement import outline_probabilities, refine_probabilities
 from pipeline.settings import ProcessSettings
+from pipeline.stacks import Canonical
 
 
 class RecordingRefiner:
@@ -65,3 +68,73 @@ def test_left_alone_without_refiner_with_several_lesions_kept_or_nothing_found()
     nothing = np.zeros_like(probs)
     refine_probabilities(nothing, _stackset(), refiner, 3.0, ProcessSettings(), 0.4)
     assert not refiner.calls[0][1].any()  # the refiner is asked and refuses an empty lesion itself
+
+
+class MarkingOutline(torch.nn.Module):
+    """An outline refiner stand-in: probability 0.9 on the crop's first (most inferior) slice, 0.01 elsewhere."""
+
+    def __init__(self, keep: bool = True) -> None:
+        super().__init__()
+        self.keep = keep
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        out = torch.full(x[:, :1].shape, -4.6)
+        if self.keep:
+            out[:, :, 0] = 2.2
+        return out
+
+
+def _ct_grid_case():
+    prob = np.zeros((12, 40, 40), np.float32)
+    prob[4:8, 10:20, 12:22] = 0.9  # the lesion
+    prob[0:2, 30:34, 30:34] = 0.6  # a smaller one, far away
+    hu = np.full(prob.shape, -800.0, np.float32)
+    suv = np.ones(prob.shape, np.float32)
+    return prob, hu, suv
+
+
+def _canonical(z_superior=True, flip_y=False):
+    return Canonical(transpose=False, flip_y=flip_y, flip_x=False, z_superior=z_superior)
+
+
+SPACING = (3.0, 1.0, 1.0)
+
+
+def test_the_outline_refiner_sees_the_canonical_box_around_the_kept_lesion_and_replaces_it():
+    prob, hu, suv = _ct_grid_case()
+    outline = MarkingOutline()
+    out = outline_probabilities(prob, hu, suv, _canonical(), Preprocessing(), outline, SPACING, ProcessSettings(), 0.4)
+    (x,) = outline.inputs
+    assert x.shape == (1, 3, 10, 28, 28)  # slices 1-10, rows 2-27, columns 4-29, padded to 28 x 28
+    assert torch.allclose(x[0, 2, 3:7, 8:18, 8:18], torch.tensor(0.9))
+    assert np.allclose(out[1, 2:28, 4:30], 0.9, atol=1e-3) and np.allclose(out[2:11, 2:28, 4:30], 0.01, atol=1e-3)
+    assert not out[0].any() and not out[:, 30:34, 30:34].any()  # outside the box: 0, the other lesion gone
+
+
+def test_slices_stored_superior_first_and_flipped_rows_are_turned_for_the_outline_refiner_and_back():
+    prob, hu, suv = _ct_grid_case()
+    hu[4:8, 10:12, 12:22] = 40.0  # tissue in the lesion's first rows of the array
+    out = outline_probabilities(prob, hu, suv, _canonical(z_superior=False, flip_y=True), Preprocessing(),
+                                outline := MarkingOutline(), SPACING, ProcessSettings(), 0.4)
+    x = outline.inputs[0][0]
+    assert np.allclose(out[10, 2:28, 4:30], 0.9, atol=1e-3)  # the box's last array slice is its most inferior
+    ct = x[1, 3:7]  # the lesion's slices, rows in the canonical (flipped) order
+    assert torch.all(ct[:, 16:18, 8:18] > 0) and torch.all(ct[:, 8:16, 8:18] < 0)
+
+
+def test_the_outline_refiner_is_left_out_where_it_cannot_help():
+    prob, hu, suv = _ct_grid_case()
+    settings, prep = ProcessSettings(), Preprocessing()
+    assert outline_probabilities(prob, hu, suv, _canonical(), prep, None, SPACING, settings, 0.4) is prob
+    refiner = MarkingOutline()
+    several = ProcessSettings(keep_components=2)
+    assert outline_probabilities(prob, hu, suv, _canonical(), prep, refiner, SPACING, several, 0.4) is prob
+    assert outline_probabilities(prob, hu, suv, _canonical(), prep, refiner, (3.0, 0.5, 0.5), settings, 0.4) is prob
+    nothing = np.zeros_like(prob)
+    assert outline_probabilities(nothing, hu, suv, _canonical(), prep, refiner, SPACING, settings, 0.4) is nothing
+    assert not refiner.inputs
+    losing = MarkingOutline(keep=False)  # would leave no lesion: the found one stays
+    assert outline_probabilities(prob, hu, suv, _canonical(), prep, losing, SPACING, settings, 0.4) is prob
+    assert len(losing.inputs) == 1
