@@ -4,12 +4,12 @@
 #
 # Usage: benchmarks/train_default.sh WORKDIR [STAGE ...]
 #   stages (default: all, in this order): data valdata seldata pretrain finetune refine refine2
-#   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner eval; also, not
+#   refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner outline eval; also, not
 #   in the default: refine7 (session 8's candidate on 448 studies), refine10 and refine11 (session 10's),
 #   refiner12 (session 12's refiner candidates)
 # Environment:
 #   IGTV      command that runs the CLI (default: igtv-node)
-#   PYTHON    the Python of that installation, for the refiner stage (default: python3)
+#   PYTHON    the Python of that installation, for the refiner and outline stages (default: python3)
 #   DEVICE    cpu | cuda | auto (default: auto)
 #   WORKERS   processes for synthesis and sample preparation (default: 4)
 #   LIMIT_S   stop a training stage after this many seconds; run the same stage
@@ -21,7 +21,7 @@ set -euo pipefail
 
 WORK=${1:?usage: train_default.sh WORKDIR [STAGE ...]}
 shift
-STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner eval}
+STAGES=${*:-data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 grow refine9 ship calibrate refiner outline eval}
 HERE=$(cd "$(dirname "$0")" && pwd)
 IGTV=${IGTV:-igtv-node}
 PYTHON=${PYTHON:-python3}
@@ -55,6 +55,9 @@ on_256() {  # the 256 IGTV studies of refine_igtv and more_igtv
 on_448() {  # those and the 192 of extra_igtv (session 8)
     SETS=("$DATA/refine_igtv" "$DATA/more_igtv" "$DATA/extra_igtv")
     fine_tune "$@"
+}
+outline_step() {  # benchmarks/train_outline.py ACTION [ARG ...] on the shipped network and lesion refiner
+    (cd "$WORK" && $PYTHON "$HERE/train_outline.py" "$@" --checkpoint runs/igtv_sim_mamba.safetensors)
 }
 refiner_step() {  # benchmarks/train_refiner.py ACTION [ARG ...] on the shipped network, from WORKDIR
     (cd "$WORK" && $PYTHON "$HERE/train_refiner.py" "$@" --checkpoint runs/igtv_sim_mamba.safetensors \
@@ -174,6 +177,19 @@ for stage in $STAGES; do
         refiner_step probs data/select_igtv data/refine_igtv data/more_igtv data/extra_igtv
         refiner_step train --epochs 16 --widths 12,24,48 --out runs/igtv_sim_mamba.safetensors
         ;;
+    outline)
+        # the CT-grid outline refiner (session 13): 160 IGTV studies made for it (seeds 4000-4159, which
+        # neither the network nor the lesion refiner learned from), reduced to CT-grid boxes around their
+        # lesions by the shipped network and lesion refiner, as are the selection studies; 20 epochs of
+        # an 8-16-32-channel refiner pooling in-plane, the best epoch by the selection studies' delivered
+        # Dice; written beside the checkpoint as igtv_sim_mamba.outline.*; run after stage refiner
+        [[ -d $DATA/outline_igtv ]] || $IGTV synth "$DATA/outline_igtv" --seed 4000 --cases 160 --motion breathing \
+            --workers "$WORKERS"
+        outline_step boxes data/outline_igtv --boxes runs/outline_boxes/train
+        outline_step boxes data/select_igtv --boxes runs/outline_boxes/select
+        outline_step train --boxes runs/outline_boxes/train --val runs/outline_boxes/select --epochs 20 \
+            --out runs/igtv_sim_mamba.safetensors
+        ;;
     refiner12)
         # session 12's refiner candidates, not shipped (the selection studies scored them 0.8679
         # and 0.8682 against the shipped refiner's 0.8687): crops of 400 studies made for the refiner
@@ -204,7 +220,7 @@ for stage in $STAGES; do
             --out "$RUNS/eval2_igtv_sim_mamba.json"
         ;;
     *)
-        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate refiner eval refine7 grow refine9 refine10 refine11 refiner12)" >&2
+        echo "unknown stage $stage (data valdata seldata pretrain finetune refine refine2 refine3 refine4 refine5 refine6 extradata refine8 ship calibrate refiner outline eval refine7 grow refine9 refine10 refine11 refiner12)" >&2
         exit 2
         ;;
     esac

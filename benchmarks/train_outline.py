@@ -1,0 +1,236 @@
+"""Train and measure the outline refiner (:mod:`model.outline`) of the shipped checkpoint.
+
+The network and its lesion refiner outline on 2 mm pixels; the outline refiner re-outlines
+the delivered lesion on the CT's own grid (PET, CT and the interpolated probability).
+
+Usage (from the folder holding ``data/``; the ``outline`` stage of ``train_default.sh``)::
+
+    python benchmarks/train_outline.py boxes data/outline_igtv --boxes runs/outline_boxes/train
+    python benchmarks/train_outline.py boxes data/select_igtv --boxes runs/outline_boxes/select
+    python benchmarks/train_outline.py train --boxes runs/outline_boxes/train \\
+        --val runs/outline_boxes/select --out runs/outline.safetensors
+    python benchmarks/train_outline.py eval --val runs/outline_boxes/select --out runs/outline.safetensors
+
+``boxes`` runs each labelled study through the node's path up to the CT grid (network and
+lesion refiner of ``--checkpoint``, default the shipped one, without its outline refiner)
+and stores, per study, the CT-grid box holding the IGTV and every voxel of probability
+0.05 or more (12 voxels wider), in the canonical orientation: probability, HU, SUV and
+truth. After that the study's DICOM files may go. ``train`` learns from the boxes of
+``--boxes``, scores the ``--val`` boxes after each epoch (the Dice of the lesion the node
+delivers, with the node's own code) and keeps the best epoch beside ``--out``
+(``NAME.outline.safetensors``: copy it beside the checkpoint it refines); ``eval`` prints
+that score, without and with the refiner, overall and by IGTV size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from model.metrics import dice  # noqa: E402
+from model.outline import KIND, PATCH, lesion_box, outline_refiner  # noqa: E402
+from model.refiner import FILL, LesionRefiner, augmented, load_refiner, refiner_loss, save_refiner  # noqa: E402
+from pipeline.postprocess import postprocess_with  # noqa: E402
+from pipeline.refinement import outline_probabilities  # noqa: E402
+from pipeline.settings import ProcessSettings  # noqa: E402
+from pipeline.stacks import Canonical  # noqa: E402
+
+#: Stored boxes are already in the canonical orientation.
+IDENTITY = Canonical(transpose=False, flip_y=False, flip_x=False, z_superior=True)
+#: Voxels of the stored box around the IGTV and the probable voxels.
+BOX_MARGIN = (12, 12, 12)
+SETTINGS = ProcessSettings()
+
+
+def predictor_of(checkpoint: Path | None):
+    """The node's predictor of ``checkpoint`` without its outline refiner, and its threshold."""
+    from model.predict import Predictor
+
+    predictor = Predictor.load(checkpoint)
+    predictor.outline = None
+    return predictor, SETTINGS.threshold_for(predictor.threshold)
+
+
+def store_boxes(folders: list[str], boxes: Path, checkpoint: Path | None) -> None:
+    """Each labelled study's CT-grid box (see the module doc) as ``boxes/UID.npz``; skips those stored."""
+    import SimpleITK as sitk
+
+    from pipeline import stacks
+    from pipeline.evaluation import case_probabilities, load_case
+    from pipeline.refinement import canonical_crop
+    from pipeline.training import find_studies
+
+    predictor, _ = predictor_of(checkpoint)
+    boxes.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    for i, ref in enumerate(r for r in find_studies([Path(f) for f in folders]) if r.label_series):
+        path = boxes / f"{ref.study_uid}.npz"
+        if path.exists():
+            continue
+        case = load_case(ref, ("IGTV", "ITV"))
+        stackset = stacks.build_stacks(case.ct, case.pet_on_ct, predictor.preprocessing)
+        prob = case_probabilities(case, predictor, SETTINGS, stackset)
+        box = lesion_box(case.truth | (prob >= 0.05), BOX_MARGIN)
+        arrays = {"prob": prob, "truth": case.truth, "ct": sitk.GetArrayViewFromImage(case.ct.image),
+                  "suv": sitk.GetArrayViewFromImage(case.pet_on_ct)}
+        crops = {k: np.ascontiguousarray(canonical_crop(stackset.canonical, v, box)) for k, v in arrays.items()}
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez_compressed(tmp, prob=crops["prob"].astype(np.float32), truth=crops["truth"].astype(bool),
+                            ct=crops["ct"].astype(np.int16), suv=crops["suv"].astype(np.float32),
+                            spacing=np.asarray(case.spacing_zyx), truth_total=int(case.truth.sum()))
+        tmp.replace(path)
+        print(f"{i + 1} studies, {time.time() - start:.0f} s", flush=True)
+
+
+def load_box(path: Path) -> dict[str, np.ndarray]:
+    """One stored box; refuses a box that does not hold its study's whole IGTV."""
+    box = dict(np.load(path))
+    if int(box["truth"].sum()) != int(box["truth_total"]):
+        raise ValueError(f"{path}: the box does not hold the whole IGTV")
+    return box
+
+
+def training_region(box: dict[str, np.ndarray], prep, threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Input (3, Z, Y, X) and truth of the region the refiner sees in ``box``; None when nothing is delivered."""
+    spacing = tuple(float(s) for s in box["spacing"])
+    region = lesion_box(postprocess_with(box["prob"], spacing, SETTINGS, threshold, suv=box["suv"]) > 0)
+    if region is None:
+        return None
+    x = np.stack([prep.normalise_pet(box["suv"][region]), prep.normalise_ct(box["ct"][region]),
+                  box["prob"][region]]).astype(np.float32)
+    return x, box["truth"][region]
+
+
+def training_window(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """A random :data:`~model.outline.PATCH` window of a region (padded with FILL), its truth and loss mask."""
+    lo = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(y.shape, PATCH, strict=True)]
+    window = tuple(slice(a, a + p) for a, p in zip(lo, PATCH, strict=True))
+    xs, ys = x[(slice(None), *window)], y[window]
+    inputs = np.stack([np.full(PATCH, f, np.float32) for f in FILL])
+    truth, mask = np.zeros(PATCH, np.float32), np.zeros(PATCH, np.float32)
+    inside = tuple(slice(0, n) for n in ys.shape)
+    inputs[(slice(None), *inside)] = xs
+    truth[inside], mask[inside] = ys, 1.0
+    return inputs, truth, mask
+
+
+def evaluate(model: LesionRefiner | None, paths: list[Path], prep, threshold: float) -> dict:
+    """Mean Dice of the delivered lesion without and with ``model``, overall and below/above 2 cc."""
+    rows = []
+    for path in paths:
+        box = load_box(path)
+        spacing = tuple(float(s) for s in box["spacing"])
+        cc = float(box["truth"].sum()) * float(np.prod(spacing)) / 1000
+        scores = []
+        for refiner in (None, model):
+            prob = outline_probabilities(box["prob"], box["ct"], box["suv"], IDENTITY, prep, refiner, spacing,
+                                         SETTINGS, threshold)
+            scores.append(dice(postprocess_with(prob, spacing, SETTINGS, threshold, suv=box["suv"]) > 0,
+                               box["truth"]))
+        rows.append((path.stem, cc, *scores))
+    a = np.asarray([r[1:] for r in rows], float)
+    diff = a[:, 2] - a[:, 1]
+    summary = {"studies": len(a), "delivered": a[:, 1].mean(), "outlined": a[:, 2].mean(),
+               "paired_difference": diff.mean(), "paired_se": diff.std(ddof=1) / np.sqrt(len(a))}
+    small = a[:, 0] < 2
+    for name, part in (("below_2cc", small), ("from_2cc", ~small)):
+        summary[name] = {"studies": int(part.sum()), "delivered": a[part, 1].mean(), "outlined": a[part, 2].mean()}
+    return {"summary": summary, "rows": rows}
+
+
+def train(boxes: list[Path], val: Path, out: Path, epochs: int, checkpoint: Path | None, seed: int = 7,
+          widths: tuple[int, int, int] = (8, 16, 32), batch: int = 4) -> None:
+    """Train on every stored box of ``boxes``, score ``val`` after each epoch, keep the best epoch."""
+    predictor, threshold = predictor_of(checkpoint)
+    prep = predictor.preprocessing
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    paths = sorted(p for folder in boxes for p in folder.glob("*.npz") if not p.stem.endswith(".tmp"))
+    data = [r for r in (training_region(load_box(p), prep, threshold) for p in paths) if r is not None]
+    val_paths = sorted(val.glob("*.npz"))
+    source = f"{len(data)} delivered lesions of {len(paths)} stored boxes ({', '.join(b.name for b in boxes)})"
+    print(source, flush=True)
+    model = outline_refiner(widths)
+    steps = max(1, len(data) // batch)
+    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * steps, pct_start=0.1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    best = -1.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start, total = time.time(), 0.0
+        order = rng.permutation(len(data))
+        for step in range(steps):
+            xs, ys, masks = [], [], []
+            for j in order[step * batch:(step + 1) * batch]:
+                x, y, m = training_window(*data[j], rng)
+                x, (y, m) = augmented(x, [y, m], rng)
+                xs.append(x)
+                ys.append(y)
+                masks.append(m)
+            xb = torch.from_numpy(np.stack(xs))
+            yb, mb = (torch.from_numpy(np.stack(v))[:, None] for v in (ys, masks))
+            loss = refiner_loss(model(xb), yb, mb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        model.eval()
+        score = evaluate(model, val_paths, prep, threshold)["summary"]
+        print(f"epoch {epoch}: loss {total / steps:.4f}, {time.time() - start:.0f} s; {val.name} "
+              f"{score['delivered']:.4f} -> {score['outlined']:.4f}", flush=True)
+        if score["outlined"] > best:
+            best = score["outlined"]
+            save_refiner(model, out, {"trained_on": f"shipped checkpoint's CT-grid probabilities; {source}",
+                                      "best_epoch": epoch, "selected_on": val.name, "val_dice": score["outlined"],
+                                      "val_dice_without": score["delivered"], "seed": seed}, kind=KIND)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("boxes", "train", "eval"))
+    parser.add_argument("data", nargs="*", help="study folders (boxes)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the network whose lesions are re-outlined (default: the shipped one)")
+    parser.add_argument("--boxes", type=Path, action="append", default=None,
+                        help="a folder of stored boxes: written by boxes; train uses every one given")
+    parser.add_argument("--val", type=Path, help="stored boxes scored after each epoch (train) or scored (eval)")
+    parser.add_argument("--out", type=Path, default=Path("runs/outline.safetensors"),
+                        help="the checkpoint path the refiner is written beside (NAME.outline.safetensors)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.action == "boxes":
+        if not args.boxes or len(args.boxes) != 1:
+            parser.error("boxes takes one --boxes folder to write")
+        store_boxes(args.data, args.boxes[0], args.checkpoint)
+    elif not args.val:
+        parser.error(f"{args.action} needs --val")
+    elif args.action == "train":
+        if not args.boxes:
+            parser.error("train needs --boxes")
+        train(args.boxes, args.val, args.out, args.epochs, args.checkpoint)
+    else:
+        predictor, threshold = predictor_of(args.checkpoint)
+        model = load_refiner(args.out, kind=KIND)
+        if model is None:
+            parser.error(f"no outline refiner beside {args.out}")
+        result = evaluate(model, sorted(args.val.glob("*.npz")), predictor.preprocessing, threshold)
+        print(json.dumps(result["summary"], indent=1))
+        args.out.with_name(args.out.stem + ".outline-eval.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
