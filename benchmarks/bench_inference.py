@@ -9,8 +9,9 @@ Without ``--study`` the input is a sliding window over random planes of the
 given size (N stacks, as the pipeline's stack builder makes them: only slices
 that can contain lung, cropped around the lungs). With ``--study`` a DICOM
 study goes through the pipeline's loading and stack building first (timed
-separately) and the checkpoint's lesion refiner, if it has one, runs after the
-network as in the node (timed separately). Prints seconds and peak RSS (target:
+separately) and the checkpoint's lesion refiner and outline refiner, if it has them,
+run after the network as in the node, with the return to the CT grid between them
+(each timed separately). Prints seconds and peak RSS (target:
 <= 10 s and < 2 GiB on the 2-core CPU). A benchmark, not a test.
 """
 
@@ -98,7 +99,9 @@ def main() -> None:
     print(f"checkpoint load: {t_load:.2f} s")
     print(f"inference: {t_inf:.2f} s ({1000 * t_inf / n:.1f} ms/stack); target <= 10 s")
     if a.study is not None:
-        from pipeline.refinement import refine_probabilities
+        import SimpleITK as sitk
+
+        from pipeline.refinement import outline_in_place, refine_probabilities
 
         settings = ProcessSettings()
         z_mm = float(ct.image.GetSpacing()[2])
@@ -109,6 +112,17 @@ def main() -> None:
         state = "changed the lesion" if refined is not probs else "left the probabilities as they were"
         print(f"lesion refiner: {t_ref:.2f} s ({state}); network and refiner {t_inf + t_ref:.2f} s; "
               f"peak RSS before it {peak_before:.0f} MiB")
+        t4 = time.perf_counter()
+        prob_ct = stackset.to_ct_grid(refined)
+        t_grid = time.perf_counter() - t4
+        outlined = outline_in_place(prob_ct, sitk.GetArrayViewFromImage(ct.image), sitk.GetArrayViewFromImage(pet_on_ct),
+                                    stackset.canonical, pred.preprocessing, pred.outline,
+                                    tuple(float(v) for v in reversed(ct.image.GetSpacing())), settings,
+                                    settings.threshold_for(pred.threshold))
+        t_out = time.perf_counter() - t4 - t_grid
+        state = "changed the lesion" if outlined else "left the probabilities as they were"
+        print(f"CT grid: {t_grid:.2f} s; outline refiner: {t_out:.2f} s ({state}); network, refiners and CT grid "
+              f"{t_inf + t_ref + t_grid + t_out:.2f} s")
     print(f"peak RSS: {_peak_rss_mib():.0f} MiB; target < 2048 MiB")
     assert probs.shape == (n, h, w)
 

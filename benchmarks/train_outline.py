@@ -41,7 +41,7 @@ from model.metrics import dice  # noqa: E402
 from model.outline import KIND, PATCH, lesion_box, outline_refiner  # noqa: E402
 from model.refiner import FILL, LesionRefiner, augmented, load_refiner, refiner_loss, save_refiner  # noqa: E402
 from pipeline.postprocess import postprocess_with  # noqa: E402
-from pipeline.refinement import outline_probabilities  # noqa: E402
+from pipeline.refinement import outline_in_place  # noqa: E402
 from pipeline.settings import ProcessSettings  # noqa: E402
 from pipeline.stacks import Canonical  # noqa: E402
 
@@ -133,8 +133,8 @@ def evaluate(model: LesionRefiner | None, paths: list[Path], prep, threshold: fl
         cc = float(box["truth"].sum()) * float(np.prod(spacing)) / 1000
         scores = []
         for refiner in (None, model):
-            prob = outline_probabilities(box["prob"], box["ct"], box["suv"], IDENTITY, prep, refiner, spacing,
-                                         SETTINGS, threshold)
+            prob = box["prob"].copy()
+            outline_in_place(prob, box["ct"], box["suv"], IDENTITY, prep, refiner, spacing, SETTINGS, threshold)
             scores.append(dice(postprocess_with(prob, spacing, SETTINGS, threshold, suv=box["suv"]) > 0,
                                box["truth"]))
         rows.append((path.stem, cc, *scores))

@@ -68,18 +68,20 @@ def canonical_crop(canonical: Any, array: np.ndarray, box: tuple[slice, ...]) ->
     return view if canonical.z_superior else view[::-1]
 
 
-def outline_probabilities(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarray, canonical: Any, prep: Any,
-                          outline: Any, spacing_zyx: tuple[float, float, float], settings: ProcessSettings,
-                          threshold: float) -> np.ndarray:
-    """CT-grid probabilities with the delivered lesion re-outlined by ``outline`` (:mod:`model.outline`).
+def outline_in_place(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarray, canonical: Any, prep: Any,
+                     outline: Any, spacing_zyx: tuple[float, float, float], settings: ProcessSettings,
+                     threshold: float) -> bool:
+    """Re-outline the delivered lesion of ``prob_ct`` with ``outline`` (:mod:`model.outline`), in place.
 
     The lesion is the one the node's post-processing keeps from ``prob_ct`` at
     ``threshold``. The outline refiner's probabilities replace the box around it and
-    everything outside the box becomes 0, as with the lesion refiner. Returned unchanged
-    (the same object) when there is no outline refiner, when ``settings.keep_components``
-    is not 1, when the CT's pixels are outside :data:`model.outline.PIXEL_MM` (the refiner
-    never saw such a scale), when no lesion is found, or when the refined box would hold no
-    lesion at ``threshold`` (a refiner never loses a found lesion).
+    everything outside the box becomes 0, as with the lesion refiner (in place: a second
+    CT-grid array would add its size to the node's peak memory). Returns whether
+    ``prob_ct`` changed. It is left alone when there is no outline refiner, when
+    ``settings.keep_components`` is not 1, when the CT's pixels are outside
+    :data:`model.outline.PIXEL_MM` (the refiner never saw such a scale), when no lesion is
+    found, or when the refined box would hold no lesion at ``threshold`` (a refiner never
+    loses a found lesion).
 
     Parameters
     ----------
@@ -93,22 +95,22 @@ def outline_probabilities(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarra
     from model.outline import PIXEL_MM, lesion_box, outline_crop
 
     if outline is None or settings.keep_components != 1:
-        return prob_ct
+        return False
     if not all(PIXEL_MM[0] <= s <= PIXEL_MM[1] for s in spacing_zyx[1:]):
-        return prob_ct
+        return False
     box = lesion_box(postprocess_with(prob_ct, spacing_zyx, settings, threshold, suv=suv) > 0)
     if box is None:
-        return prob_ct
+        return False
     crop = np.stack([prep.normalise_pet(canonical_crop(canonical, suv, box)),
                      prep.normalise_ct(canonical_crop(canonical, ct_hu, box)),
                      canonical_crop(canonical, prob_ct, box)]).astype(np.float32)
     refined = outline_crop(outline, crop)
     voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
     if np.count_nonzero(refined >= threshold) * voxel_cc < settings.min_component_cc:
-        return prob_ct
-    out = np.zeros_like(prob_ct)
-    canonical_crop(canonical, out, box)[...] = refined
-    return out
+        return False
+    prob_ct[...] = 0.0
+    canonical_crop(canonical, prob_ct, box)[...] = refined
+    return True
 
 
 def ct_grid_probabilities(predictor: Any, stackset: Any, ct_hu: np.ndarray, suv: np.ndarray,
@@ -118,12 +120,12 @@ def ct_grid_probabilities(predictor: Any, stackset: Any, ct_hu: np.ndarray, suv:
 
     The one path the node, ``evaluate`` and ``calibrate`` share: :func:`model_probabilities`,
     then the CT grid, then the checkpoint's outline refiner, if it has one
-    (:func:`outline_probabilities`). Returns the (Z, Y, X) probabilities and which
-    refiners changed them (``lesion_refined``, ``outline_refined``).
+    (:func:`outline_in_place`). Returns the (Z, Y, X) probabilities and which refiners
+    changed them (``lesion_refined``, ``outline_refined``).
     """
     probs, refined = model_probabilities(predictor, stackset, spacing_zyx[0], settings, threshold, batch_size)
     prob_ct = stackset.to_ct_grid(probs)
     del probs
-    outlined = outline_probabilities(prob_ct, ct_hu, suv, stackset.canonical, stackset.prep,
-                                     getattr(predictor, "outline", None), spacing_zyx, settings, threshold)
-    return outlined, {"lesion_refined": refined, "outline_refined": outlined is not prob_ct}
+    outlined = outline_in_place(prob_ct, ct_hu, suv, stackset.canonical, stackset.prep,
+                                getattr(predictor, "outline", None), spacing_zyx, settings, threshold)
+    return prob_ct, {"lesion_refined": refined, "outline_refined": outlined}

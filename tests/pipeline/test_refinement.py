@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.preprocessing import Preprocessing
-from pipeline.refinement import outline_probabilities, refine_probabilities
+from pipeline.refinement import outline_in_place, refine_probabilities
 from pipeline.settings import ProcessSettings
 from pipeline.stacks import Canonical
 
@@ -105,7 +105,8 @@ SPACING = (3.0, 1.0, 1.0)
 def test_the_outline_refiner_sees_the_canonical_box_around_the_kept_lesion_and_replaces_it():
     prob, hu, suv = _ct_grid_case()
     outline = MarkingOutline()
-    out = outline_probabilities(prob, hu, suv, _canonical(), Preprocessing(), outline, SPACING, ProcessSettings(), 0.4)
+    out = prob.copy()
+    assert outline_in_place(out, hu, suv, _canonical(), Preprocessing(), outline, SPACING, ProcessSettings(), 0.4)
     (x,) = outline.inputs
     assert x.shape == (1, 3, 10, 28, 28)  # slices 1-10, rows 2-27, columns 4-29, padded to 28 x 28
     assert torch.allclose(x[0, 2, 3:7, 8:18, 8:18], torch.tensor(0.9))
@@ -116,8 +117,9 @@ def test_the_outline_refiner_sees_the_canonical_box_around_the_kept_lesion_and_r
 def test_slices_stored_superior_first_and_flipped_rows_are_turned_for_the_outline_refiner_and_back():
     prob, hu, suv = _ct_grid_case()
     hu[4:8, 10:12, 12:22] = 40.0  # tissue in the lesion's first rows of the array
-    out = outline_probabilities(prob, hu, suv, _canonical(z_superior=False, flip_y=True), Preprocessing(),
-                                outline := MarkingOutline(), SPACING, ProcessSettings(), 0.4)
+    out, outline = prob.copy(), MarkingOutline()
+    assert outline_in_place(out, hu, suv, _canonical(z_superior=False, flip_y=True), Preprocessing(), outline,
+                            SPACING, ProcessSettings(), 0.4)
     x = outline.inputs[0][0]
     assert np.allclose(out[10, 2:28, 4:30], 0.9, atol=1e-3)  # the box's last array slice is its most inferior
     ct = x[1, 3:7]  # the lesion's slices, rows in the canonical (flipped) order
@@ -126,15 +128,17 @@ def test_slices_stored_superior_first_and_flipped_rows_are_turned_for_the_outlin
 
 def test_the_outline_refiner_is_left_out_where_it_cannot_help():
     prob, hu, suv = _ct_grid_case()
+    before = prob.copy()
     settings, prep = ProcessSettings(), Preprocessing()
-    assert outline_probabilities(prob, hu, suv, _canonical(), prep, None, SPACING, settings, 0.4) is prob
     refiner = MarkingOutline()
     several = ProcessSettings(keep_components=2)
-    assert outline_probabilities(prob, hu, suv, _canonical(), prep, refiner, SPACING, several, 0.4) is prob
-    assert outline_probabilities(prob, hu, suv, _canonical(), prep, refiner, (3.0, 0.5, 0.5), settings, 0.4) is prob
     nothing = np.zeros_like(prob)
-    assert outline_probabilities(nothing, hu, suv, _canonical(), prep, refiner, SPACING, settings, 0.4) is nothing
-    assert not refiner.inputs
+    assert not outline_in_place(prob, hu, suv, _canonical(), prep, None, SPACING, settings, 0.4)
+    assert not outline_in_place(prob, hu, suv, _canonical(), prep, refiner, SPACING, several, 0.4)
+    assert not outline_in_place(prob, hu, suv, _canonical(), prep, refiner, (3.0, 0.5, 0.5), settings, 0.4)
+    assert not outline_in_place(nothing, hu, suv, _canonical(), prep, refiner, SPACING, settings, 0.4)
+    assert not refiner.inputs and not nothing.any()
     losing = MarkingOutline(keep=False)  # would leave no lesion: the found one stays
-    assert outline_probabilities(prob, hu, suv, _canonical(), prep, losing, SPACING, settings, 0.4) is prob
+    assert not outline_in_place(prob, hu, suv, _canonical(), prep, losing, SPACING, settings, 0.4)
     assert len(losing.inputs) == 1
+    assert np.array_equal(prob, before)
