@@ -25,6 +25,7 @@ def test_version_names_node_and_python():
     assert out.output.startswith("igtv-node ")
     assert "python 3." in out.output
     assert "with its 3D lesion refiner" in out.output  # shipped beside the checkpoint
+    assert "with its CT-grid outline refiner" in out.output
 
 
 def _closed_port() -> int:

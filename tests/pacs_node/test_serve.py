@@ -191,3 +191,9 @@ def test_serve_refuses_a_missing_checkpoint_before_it_listens(tmp_path):
     cfg.processing.checkpoint, cfg.processing.device = copy, "cpu"
     with pytest.raises(IgtvError, match="refiner .*net.refiner.safetensors"):
         NodeServer(cfg)
+    for name in ("net.refiner.safetensors", "net.refiner.json"):
+        (tmp_path / name).unlink()
+    (tmp_path / "net.outline.safetensors").write_bytes(b"not weights")
+    (tmp_path / "net.outline.json").write_text("{")
+    with pytest.raises(IgtvError, match="refiner .*net.outline.safetensors"):
+        NodeServer(cfg)
