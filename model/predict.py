@@ -24,6 +24,18 @@ TEST_TIME_FLIPS: dict[str, tuple[tuple[bool, bool], ...]] = {
 }
 
 
+def refined_version(version: str, refiner: LesionRefiner | None, outline: LesionRefiner | None) -> str:
+    """The version results carry: the network's, plus ``+r`` and ``+o`` with the lesion and outline refiners' digests.
+
+    Results derive their UIDs from the version, so a model whose refiners change writes
+    new objects instead of silently replacing the results of the earlier model.
+    """
+    for tag, model in (("r", refiner), ("o", outline)):
+        if model is not None:
+            version += f"+{tag}{model.digest}"
+    return version
+
+
 @dataclass
 class Predictor:
     """A network with the preprocessing it was trained with.
@@ -60,14 +72,16 @@ class Predictor:
         path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
         dev = resolve_device(device)
         network, meta = load_checkpoint(path, device=str(dev))
+        refiner = load_refiner(path)  # on the CPU: one small crop per study
+        outline = load_refiner(path, kind=OUTLINE)  # on the CPU: one box of the CT grid
         return cls(
             network=network,
             preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
-            version=str(meta.get("version", "unknown")),
+            version=refined_version(str(meta.get("version", "unknown")), refiner, outline),
             metadata=meta,
             device=dev,
-            refiner=load_refiner(path),  # on the CPU: one small crop per study
-            outline=load_refiner(path, kind=OUTLINE),  # on the CPU: one box on the CT grid
+            refiner=refiner,
+            outline=outline,
         )
 
     @property

@@ -12,6 +12,7 @@ Loading never unpickles (safetensors).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class LesionRefiner(nn.Module):
         super().__init__()
         w0, w1, w2 = widths
         self.widths, self.crop, self.pool = tuple(widths), tuple(crop), tuple(pool)
+        self.digest: str | None = None  # the first 8 hex digits of its weights file's SHA-256, once loaded
         self.e0, self.e1, self.e2 = _Block(3, w0), _Block(w0, w1), _Block(w1, w2)
         self.d1, self.d0 = _Block(w2 + w1, w1), _Block(w1 + w0, w0)
         self.head = nn.Conv3d(w0, 1, 1)
@@ -192,4 +194,5 @@ def load_refiner(checkpoint: Path, device: str | torch.device = "cpu", kind: str
         model.load_state_dict(load_file(str(path)))
     except (RuntimeError, OSError, ValueError) as exc:
         raise CheckpointError(f"refiner {path}: weights do not fit its metadata ({exc})") from None
+    model.digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
     return model.to(device).eval()

@@ -20,8 +20,10 @@ from model.checkpoint import (
 )
 from model.errors import CheckpointError
 from model.network import NetConfig, build_network
+from model.outline import outline_refiner
 from model.predict import Predictor
 from model.preprocessing import Preprocessing
+from model.refiner import LesionRefiner, save_refiner
 
 CFG = NetConfig(slices=3, widths=(4, 8, 8, 8), d_state=4)
 PREP = Preprocessing(slices=3)
@@ -33,6 +35,23 @@ def _saved(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", net, {"preprocessing": PREP.to_dict(), "seed": 7,
                                                              "training_data": {"studies": 2}})
     return net, path
+
+
+def test_results_carry_a_new_version_whenever_a_refiner_beside_the_checkpoint_changes(tmp_path):
+    _, path = _saved(tmp_path)
+    network_only = Predictor.load(path).version
+    torch.manual_seed(1)
+    save_refiner(LesionRefiner(), path, {})
+    with_refiner = Predictor.load(path)
+    assert with_refiner.version == f"{network_only}+r{with_refiner.refiner.digest}"
+    save_refiner(outline_refiner(), path, {}, kind="outline")
+    first = Predictor.load(path)
+    assert first.version == f"{network_only}+r{with_refiner.refiner.digest}+o{first.outline.digest}"
+    retrained = outline_refiner()
+    torch.nn.init.normal_(retrained.head.weight)
+    save_refiner(retrained, path, {}, kind="outline")
+    second = Predictor.load(path).version
+    assert second != first.version and second.startswith(f"{network_only}+r")
 
 
 def test_round_trip_and_predictor(tmp_path):
