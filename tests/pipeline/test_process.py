@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from model.preprocessing import Preprocessing
 from pipeline import geometry, labels, reader, selection, stacks, suv
@@ -70,6 +71,7 @@ def test_outputs_are_written_and_described(oracle_run):
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["version"] == "oracle-1"
     assert report["model"]["lesion_refiner"] is False and report["model"]["lesion_refined"] is False
+    assert report["model"]["outline_refiner"] is False and report["model"]["outline_refined"] is False
     assert report["postprocessing"]["threshold"] == 0.5 and report["postprocessing"]["threshold_from"] == "default"
     assert report["postprocessing"]["delineation_threshold"] == 0.5
     assert {"load", "suv", "register", "stacks", "inference", "writers"} <= set(report["timings_s"])
@@ -156,3 +158,24 @@ def test_the_checkpoints_refiner_gets_the_kept_lesion_and_the_report_says_so(sma
     assert lesion.any() and lesion.shape == oracle.answer.shape
     assert result.report["model"]["lesion_refiner"] is True and result.report["model"]["lesion_refined"] is True
     assert result.report["lesion_count"] == 1
+
+
+class IdentityOutline(torch.nn.Module):
+    """An outline refiner stand-in that returns its input probability."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.logit(x[:, 2:3].clamp(1e-3, 1 - 1e-3))
+
+
+def test_the_outline_refiner_is_left_out_for_pixels_it_never_learned_and_the_report_says_so(small_study, tmp_path):
+    oracle = OraclePredictor(small_study, Preprocessing(slices=3))
+    oracle.outline = IdentityOutline()
+    result = process_study(sorted(small_study.rglob("*.dcm")), tmp_path, ProcessSettings(), predictor=oracle)
+    assert result.report["lesion_count"] == 1  # the small study's CT has 3.9 mm pixels
+    assert result.report["model"]["outline_refiner"] is True and result.report["model"]["outline_refined"] is False
+    assert oracle.outline.calls == 0
