@@ -178,17 +178,21 @@ for stage in $STAGES; do
         refiner_step train --epochs 16 --widths 12,24,48 --out runs/igtv_sim_mamba.safetensors
         ;;
     outline)
-        # the CT-grid outline refiner (session 13): 160 IGTV studies made for it (seeds 4000-4159, which
-        # neither the network nor the lesion refiner learned from), reduced to CT-grid boxes around their
-        # lesions by the shipped network and lesion refiner, as are the selection studies; 20 epochs of
-        # an 8-16-32-channel refiner pooling in-plane, the best epoch by the selection studies' delivered
-        # Dice; written beside the checkpoint as igtv_sim_mamba.outline.*; run after stage refiner
+        # the CT-grid outline refiner (session 13): 240 IGTV studies made for it (seeds 4000-4239, which
+        # neither the network nor the lesion refiner learned from; made as 160 and then 80 more),
+        # reduced to CT-grid boxes around their lesions by the shipped network and lesion refiner, as
+        # are the selection studies; 20 epochs of an 8-16-32-channel refiner pooling in-plane, the best
+        # epoch by the selection studies' delivered Dice; written beside the checkpoint as
+        # igtv_sim_mamba.outline.*; run after stage refiner
         [[ -d $DATA/outline_igtv ]] || $IGTV synth "$DATA/outline_igtv" --seed 4000 --cases 160 --motion breathing \
             --workers "$WORKERS"
+        [[ -d $DATA/outline2_igtv ]] || $IGTV synth "$DATA/outline2_igtv" --seed 4160 --cases 80 --motion breathing \
+            --workers "$WORKERS"
         outline_step boxes data/outline_igtv --boxes runs/outline_boxes/train
+        outline_step boxes data/outline2_igtv --boxes runs/outline_boxes/train2
         outline_step boxes data/select_igtv --boxes runs/outline_boxes/select
-        outline_step train --boxes runs/outline_boxes/train --val runs/outline_boxes/select --epochs 20 \
-            --out runs/igtv_sim_mamba.safetensors
+        outline_step train --boxes runs/outline_boxes/train --boxes runs/outline_boxes/train2 \
+            --val runs/outline_boxes/select --epochs 20 --out runs/igtv_sim_mamba.safetensors
         ;;
     refiner12)
         # session 12's refiner candidates, not shipped (the selection studies scored them 0.8679
