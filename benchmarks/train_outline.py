@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from model.metrics import dice  # noqa: E402
 from model.outline import KIND, PATCH, lesion_box, outline_refiner  # noqa: E402
-from model.refiner import FILL, LesionRefiner, augmented, load_refiner, refiner_loss, save_refiner  # noqa: E402
+from model.refiner import LesionRefiner, augmented, filled, load_refiner, refiner_loss, save_refiner  # noqa: E402
 from pipeline.postprocess import postprocess_with  # noqa: E402
 from pipeline.refinement import outline_in_place  # noqa: E402
 from pipeline.settings import ProcessSettings  # noqa: E402
@@ -112,11 +112,11 @@ def training_region(box: dict[str, np.ndarray], prep, threshold: float) -> tuple
 
 
 def training_window(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """A random :data:`~model.outline.PATCH` window of a region (padded with FILL), its truth and loss mask."""
+    """A random :data:`~model.outline.PATCH` window of a region (padded with the channels' fill values), its truth and loss mask."""
     lo = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(y.shape, PATCH, strict=True)]
     window = tuple(slice(a, a + p) for a, p in zip(lo, PATCH, strict=True))
     xs, ys = x[(slice(None), *window)], y[window]
-    inputs = np.stack([np.full(PATCH, f, np.float32) for f in FILL])
+    inputs = filled(PATCH)
     truth, mask = np.zeros(PATCH, np.float32), np.zeros(PATCH, np.float32)
     inside = tuple(slice(0, n) for n in ys.shape)
     inputs[(slice(None), *inside)] = xs

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.refiner import FILL, LesionRefiner
+from model.refiner import LesionRefiner, filled
 
 #: File kind beside the checkpoint (``NAME.outline.safetensors``).
 KIND = "outline"
@@ -48,10 +48,10 @@ def lesion_box(lesion: np.ndarray, margin: tuple[int, int, int] = MARGIN) -> tup
 
 
 def padded(crop: np.ndarray) -> np.ndarray:
-    """(3, Z, Y, X) ``crop`` padded at the far end of y and x to a multiple of :data:`MULTIPLE` with :data:`FILL`."""
+    """(3, Z, Y, X) ``crop`` padded at the far end of y and x to a multiple of :data:`MULTIPLE` with :func:`~model.refiner.filled`."""
     z, y, x = crop.shape[1:]
     shape = (z, -(-y // MULTIPLE) * MULTIPLE, -(-x // MULTIPLE) * MULTIPLE)
-    out = np.stack([np.full(shape, f, np.float32) for f in FILL])
+    out = filled(shape)
     out[:, :, :y, :x] = crop
     return out
 

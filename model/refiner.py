@@ -135,12 +135,17 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     return bce + soft_dice.mean()
 
 
+def filled(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 (3, *shape) array holding each input channel's :data:`FILL` value (what lies outside a study)."""
+    return np.stack([np.full(shape, f, np.float32) for f in FILL])
+
+
 def crop_around(volume: np.ndarray, centre: list[float], size: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
     """(3, Z, Y, X) crop of an (N, 3, H, W) volume centred at ``centre`` (z, y, x), padded with :data:`FILL`.
 
     Returns the crop and ``(source, destination)`` slices: ``volume`` indices and crop indices.
     """
-    out = np.stack([np.full(size, f, np.float32) for f in FILL])
+    out = filled(size)
     shape = (volume.shape[0], volume.shape[2], volume.shape[3])
     src, dst = [], []
     for c, n, extent in zip(centre, size, shape, strict=True):
