@@ -260,10 +260,7 @@ def run_evaluation(
     summary = _summary(rows, methods)
     by_size = size_breakdown(rows, methods)
     table = format_table(summary) + "\n\n" + format_size_table(by_size)
-    versions = {name: p.version + "".join(f" with its {what}" for what, attr in
-                                          (("lesion refiner", "refiner"), ("outline refiner", "outline"))
-                                          if getattr(p, attr, None) is not None)
-                for name, p in models.items()}
+    versions = {name: p.version for name, p in models.items()}  # names its refiners (+r, +o digests)
     thresholds = {name: settings.threshold_for(p.threshold) for name, p in models.items()}
     result = {"cases": rows, "summary": summary, "by_size": by_size, "table": table, "versions": versions,
               "thresholds": thresholds, "roi_names": list(roi_names)}
