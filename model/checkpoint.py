@@ -226,8 +226,12 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
     ``calibration`` (what data chose it, and the scores of every candidate). The
     version becomes the weights' version plus ``-t<threshold>``: results carry the
     version and derive their UIDs from it, so a recalibrated model's results are new
-    objects rather than silent replacements.
+    objects rather than silent replacements. The refiners beside ``src``
+    (:func:`model.refiner.copy_refiners`) are copied beside ``out``: the threshold was
+    chosen with them.
     """
+    from model.refiner import copy_refiners, refuse_foreign_refiners
+
     src, out = Path(src), Path(out)
     if not is_threshold(threshold):
         raise CheckpointError(f"operating threshold must lie strictly between 0 and 1, got {threshold}")
@@ -235,6 +239,7 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
         raise CheckpointError(f"checkpoint {out}: the weights file must end in .safetensors")
     meta = read_metadata(src)
     _check_weights_digest(src, meta)
+    refuse_foreign_refiners(src, out)  # before anything is written
     meta["operating_point"] = {**calibration, "threshold": float(threshold)}
     meta.setdefault("weights_version", meta.get("version", "unknown"))
     meta["version"] = f"{meta['weights_version']}-t{threshold:g}"
@@ -246,6 +251,7 @@ def save_operating_point(src: Path, out: Path, threshold: float, calibration: di
     tmp_json = metadata_path(out).with_name(metadata_path(out).name + ".tmp")
     tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     tmp_json.replace(metadata_path(out))
+    copy_refiners(src, out)
     return out
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.refiner import LesionRefiner, filled
+from model.refiner import KINDS, LesionRefiner, filled
 
 #: File kind beside the checkpoint (``NAME.outline.safetensors``).
-KIND = "outline"
+KIND = KINDS[1]
 #: Downsampling between the refiner's levels (z, y, x).
 POOL = (1, 2, 2)
 #: Training window (z, y, x) in CT voxels.

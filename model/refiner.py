@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ CROP = (32, 48, 48)
 FILL = (0.0, -1.0, 0.0)
 #: A lesion must leave this many voxels of the crop free on each axis to be refined.
 MARGIN = 8
+#: The kinds of refiner a checkpoint may have beside it: the lesion refiner and the
+#: outline refiner (:data:`model.outline.KIND`).
+KINDS = ("refiner", "outline")
 
 
 class _Block(nn.Sequential):
@@ -165,6 +169,39 @@ def refiner_path(checkpoint: Path, kind: str = "refiner") -> Path:
     """
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}.{kind}.safetensors")
+
+
+def refuse_foreign_refiners(src: Path, out: Path) -> None:
+    """Raise :class:`CheckpointError` when ``out`` has a refiner of a kind that ``src`` lacks.
+
+    Such a refiner belongs to another model; overwriting or deleting it is left to the user.
+    """
+    for kind in KINDS:
+        if refiner_path(out, kind).is_file() and not refiner_path(src, kind).is_file():
+            raise CheckpointError(f"{refiner_path(out, kind)} belongs to another model: {src} has no {kind} "
+                                  "refiner; remove it or write to another path")
+
+
+def copy_refiners(src: Path, out: Path) -> list[str]:
+    """Copy every refiner beside checkpoint ``src`` to beside checkpoint ``out``; returns the kinds copied.
+
+    A copy of a checkpoint's weights (a calibrated one, say) refines as ``src`` does only
+    with ``src``'s refiners. Each file is written to a temporary name and renamed.
+    Refuses (:func:`refuse_foreign_refiners`) before copying anything.
+    """
+    src, out = Path(src), Path(out)
+    refuse_foreign_refiners(src, out)
+    copied = []
+    for kind in KINDS:
+        source, target = refiner_path(src, kind), refiner_path(out, kind)
+        if not source.is_file() or source.resolve() == target.resolve():
+            continue
+        for a, b in ((source, target), (source.with_suffix(".json"), target.with_suffix(".json"))):
+            tmp = b.with_name(b.name + ".tmp")
+            shutil.copyfile(a, tmp)
+            tmp.replace(b)
+        copied.append(kind)
+    return copied
 
 
 def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any], kind: str = "refiner") -> Path:

@@ -350,6 +350,7 @@ def calibrate(
 ) -> None:
     """Choose the probability threshold with the best mean Dice on labelled studies."""
     from model.checkpoint import save_operating_point, shipped_checkpoint_path
+    from model.refiner import KINDS, refiner_path
     from pacs_node.config import load_config
     from pipeline.calibration import DEFAULT_CANDIDATES
     from pipeline.calibration import calibrate as run_calibration
@@ -368,7 +369,9 @@ def calibrate(
         if out is not None:
             source = checkpoint if checkpoint is not None else shipped_checkpoint_path()
             save_operating_point(source, out, result.chosen, result.record())
-            typer.echo(f"threshold {result.chosen:g} written to {out}")
+            kinds = [kind for kind in KINDS if refiner_path(out, kind).is_file()]
+            typer.echo(f"threshold {result.chosen:g} written to {out}"
+                       + (f" with its refiners ({', '.join(kinds)})" if kinds else ""))
     except (IgtvError, ValueError) as exc:
         _fail(exc)
 

@@ -91,6 +91,29 @@ def test_operating_point_is_written_beside_unchanged_weights(tmp_path):
     assert Predictor.load(out).threshold == 0.3
 
 
+def test_a_calibrated_copy_carries_the_refiners_its_threshold_was_chosen_with(tmp_path):
+    _, path = _saved(tmp_path)
+    torch.manual_seed(1)
+    save_refiner(LesionRefiner(), path, {})
+    save_refiner(outline_refiner(), path, {}, kind="outline")
+    source = Predictor.load(path)
+    out = save_operating_point(path, tmp_path / "site" / "calibrated.safetensors", 0.35, {})
+    copy = Predictor.load(out)
+    assert copy.refiner.digest == source.refiner.digest and copy.outline.digest == source.outline.digest
+    assert copy.version == source.version.replace("+r", "-t0.35+r")
+    save_operating_point(out, out, 0.3, {})  # in place: the refiners stay
+    assert Predictor.load(out).outline.digest == source.outline.digest
+
+
+def test_a_calibrated_copy_never_takes_a_refiner_of_another_model(tmp_path):
+    _, path = _saved(tmp_path)
+    out = tmp_path / "calibrated.safetensors"
+    save_refiner(outline_refiner(), out, {}, kind="outline")  # left there by an earlier model
+    with pytest.raises(CheckpointError, match="belongs to another model"):
+        save_operating_point(path, out, 0.35, {})
+    assert not out.exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize("point", [{"threshold": None}, {"threshold": 5.0}, {"threshold": True}, ["0.3"]])
 def test_a_hand_edited_operating_point_is_refused_when_loading(tmp_path, point):
     net, path = _saved(tmp_path)

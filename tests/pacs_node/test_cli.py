@@ -127,6 +127,9 @@ def test_calibrate_command_writes_the_chosen_threshold(small_study, tmp_path):
     assert calibrated.threshold in (0.3, 0.5)
     assert set(calibrated.metadata["operating_point"]["candidates"]) == {"0.3", "0.5"}
     assert out_path.read_bytes() == shipped_checkpoint_path().read_bytes()
+    shipped = Predictor.load(None)
+    assert "with its refiners (refiner, outline)" in out.output
+    assert (calibrated.refiner.digest, calibrated.outline.digest) == (shipped.refiner.digest, shipped.outline.digest)
     out = runner.invoke(app, ["calibrate", str(small_study), "--candidates", "0.3,x"])
     assert out.exit_code != 0 and "comma-separated numbers" in out.output
     out = runner.invoke(app, ["calibrate", str(small_study), "--config", str(tmp_path / "nope.toml")])
