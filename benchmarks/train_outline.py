@@ -194,7 +194,8 @@ def train(boxes: list[Path], val: Path, out: Path, epochs: int, checkpoint: Path
             best = score["outlined"]
             save_refiner(model, out, {"trained_on": f"shipped checkpoint's CT-grid probabilities; {source}",
                                       "best_epoch": epoch, "selected_on": val.name, "val_dice": score["outlined"],
-                                      "val_dice_without": score["delivered"], "seed": seed}, kind=KIND)
+                                      "val_dice_without": score["delivered"], "seed": seed},
+                         network_sha256=predictor.metadata["weights_sha256"], kind=KIND)
 
 
 def main() -> None:
@@ -224,7 +225,7 @@ def main() -> None:
         train(args.boxes, args.val, args.out, args.epochs, args.checkpoint)
     else:
         predictor, threshold = predictor_of(args.checkpoint)
-        model = load_refiner(args.out, kind=KIND)
+        model = load_refiner(args.out, network_sha256=predictor.metadata["weights_sha256"], kind=KIND)
         if model is None:
             parser.error(f"no outline refiner beside {args.out}")
         result = evaluate(model, sorted(args.val.glob("*.npz")), predictor.preprocessing, threshold)

@@ -265,7 +265,8 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
             best = val["refined"]
             save_refiner(model, out, {"trained_on": f"shipped checkpoint's probabilities; {source}",
                                       "best_epoch": epoch, "val_dice": val["refined"],
-                                      "val_dice_without": val["delivered"], "seed": seed})
+                                      "val_dice_without": val["delivered"], "seed": seed},
+                         network_sha256=meta["weights_sha256"])
 
 
 def main() -> None:
@@ -298,7 +299,7 @@ def main() -> None:
         train(args.epochs, args.out, args.cache, args.probs, args.checkpoint, widths, crops=args.crops)
     else:
         _, meta, prep = network_of(args.checkpoint)
-        model = load_refiner(args.out)
+        model = load_refiner(args.out, network_sha256=meta["weights_sha256"])
         if model is None:
             parser.error(f"no refiner beside {args.out}")
         threshold = float(meta.get("operating_point", {}).get("threshold", 0.5))

@@ -103,6 +103,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def weights_sha256(path: Path, meta: dict[str, Any]) -> str:
+    """The SHA-256 of checkpoint ``path``'s weights: the one in its metadata ``meta``, else computed."""
+    return str(meta.get("weights_sha256") or _sha256(Path(path)))
+
+
 def _check_weights_digest(path: Path, meta: dict[str, Any]) -> None:
     """Raise CheckpointError when the weights file differs from the SHA-256 in its metadata."""
     digest = meta.get("weights_sha256")

@@ -10,7 +10,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model.checkpoint import load_checkpoint, operating_threshold, shipped_checkpoint_path
+from model.checkpoint import (
+    load_checkpoint,
+    operating_threshold,
+    shipped_checkpoint_path,
+    weights_sha256,
+)
 from model.device import resolve_device
 from model.outline import KIND as OUTLINE
 from model.preprocessing import Preprocessing
@@ -72,8 +77,9 @@ class Predictor:
         path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
         dev = resolve_device(device)
         network, meta = load_checkpoint(path, device=str(dev))
-        refiner = load_refiner(path)  # on the CPU: one small crop per study
-        outline = load_refiner(path, kind=OUTLINE)  # on the CPU: one box of the CT grid
+        digest = weights_sha256(path, meta)
+        refiner = load_refiner(path, network_sha256=digest)  # on the CPU: one small crop per study
+        outline = load_refiner(path, network_sha256=digest, kind=OUTLINE)  # on the CPU: one box of the CT grid
         return cls(
             network=network,
             preprocessing=Preprocessing.from_dict(meta["preprocessing"]),

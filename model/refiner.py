@@ -7,6 +7,7 @@ the logit of the input probability, so an untrained refiner changes little.
 
 A refiner belongs to the checkpoint whose outputs it was trained on and lives beside
 it: ``NAME.refiner.safetensors`` and ``NAME.refiner.json`` next to ``NAME.safetensors``.
+Its metadata names that network's weights digest, and it is refused beside any other.
 Loading never unpickles (safetensors).
 """
 
@@ -204,23 +205,34 @@ def copy_refiners(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any], kind: str = "refiner") -> Path:
-    """Write ``model`` beside ``checkpoint`` as ``kind`` (weights and JSON metadata); returns the weights' path."""
+def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any], *, network_sha256: str,
+                 kind: str = "refiner") -> Path:
+    """Write ``model`` beside ``checkpoint`` as ``kind`` (weights and JSON metadata); returns the weights' path.
+
+    ``network_sha256`` is the weights digest of the network whose outputs the refiner
+    learned from; :func:`load_refiner` refuses the refiner beside any other network.
+    """
     path = refiner_path(checkpoint, kind)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     record = {**meta, "format": FORMAT, "widths": list(model.widths), "crop": list(model.crop),
-              "pool": list(model.pool)}
+              "pool": list(model.pool), "network_sha256": network_sha256}
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def load_refiner(checkpoint: Path, device: str | torch.device = "cpu", kind: str = "refiner") -> LesionRefiner | None:
+def load_refiner(checkpoint: Path, *, network_sha256: str, device: str | torch.device = "cpu",
+                 kind: str = "refiner") -> LesionRefiner | None:
     """The refiner of ``kind`` beside ``checkpoint``, or None when it has none.
+
+    ``network_sha256`` is the weights digest of the network it will refine
+    (:func:`model.checkpoint.weights_sha256`): a refiner learned from another network's
+    outputs, left beside a checkpoint that was overwritten, say, is refused.
 
     Raises
     ------
     CheckpointError
-        The refiner's files are incomplete, of another format, or do not fit its metadata.
+        The refiner's files are incomplete, of another format, do not fit its metadata, or
+        belong to another network.
     """
     path = refiner_path(checkpoint, kind)
     if not path.is_file():
@@ -231,6 +243,12 @@ def load_refiner(checkpoint: Path, device: str | torch.device = "cpu", kind: str
         raise CheckpointError(f"refiner {path}: metadata {path.with_suffix('.json').name} unreadable ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"refiner {path}: metadata is not {FORMAT}")
+    learned_from = meta.get("network_sha256")
+    if learned_from != network_sha256:
+        source = f"the network {str(learned_from)[:8]}" if learned_from else "no named network"
+        raise CheckpointError(f"refiner {path} learned from {source}, not from this checkpoint's network "
+                              f"{network_sha256[:8]}: it belongs to another model; move it away, or train "
+                              "one for this network")
     model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]), tuple(meta.get("pool", (2, 2, 2))))
     try:
         model.load_state_dict(load_file(str(path)))

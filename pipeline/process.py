@@ -221,16 +221,16 @@ def check_model(checkpoint: Path | None, device: str) -> None:
     refiner missing or unreadable, device unknown or unavailable), so ``serve`` refuses to
     start instead of failing every study later.
     """
-    from model.checkpoint import read_metadata, shipped_checkpoint_path
+    from model.checkpoint import read_metadata, shipped_checkpoint_path, weights_sha256
     from model.device import resolve_device
     from model.outline import KIND as OUTLINE
     from model.refiner import load_refiner
 
     resolve_device(device)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
-    read_metadata(path)
-    load_refiner(path)  # small; a broken refiner file fails here, not at the first study
-    load_refiner(path, kind=OUTLINE)
+    digest = weights_sha256(path, read_metadata(path))
+    load_refiner(path, network_sha256=digest)  # small; a broken refiner file fails here, not at the first study
+    load_refiner(path, network_sha256=digest, kind=OUTLINE)
 
 
 @functools.lru_cache(maxsize=2)

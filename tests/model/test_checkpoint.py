@@ -17,6 +17,7 @@ from model.checkpoint import (
     save_checkpoint,
     save_operating_point,
     shipped_checkpoint_info,
+    weights_sha256,
 )
 from model.errors import CheckpointError
 from model.network import NetConfig, build_network
@@ -37,19 +38,23 @@ def _saved(tmp_path):
     return net, path
 
 
+def _digest(path):
+    return weights_sha256(path, read_metadata(path))
+
+
 def test_results_carry_a_new_version_whenever_a_refiner_beside_the_checkpoint_changes(tmp_path):
     _, path = _saved(tmp_path)
     network_only = Predictor.load(path).version
     torch.manual_seed(1)
-    save_refiner(LesionRefiner(), path, {})
+    save_refiner(LesionRefiner(), path, {}, network_sha256=_digest(path))
     with_refiner = Predictor.load(path)
     assert with_refiner.version == f"{network_only}+r{with_refiner.refiner.digest}"
-    save_refiner(outline_refiner(), path, {}, kind="outline")
+    save_refiner(outline_refiner(), path, {}, network_sha256=_digest(path), kind="outline")
     first = Predictor.load(path)
     assert first.version == f"{network_only}+r{with_refiner.refiner.digest}+o{first.outline.digest}"
     retrained = outline_refiner()
     torch.nn.init.normal_(retrained.head.weight)
-    save_refiner(retrained, path, {}, kind="outline")
+    save_refiner(retrained, path, {}, network_sha256=_digest(path), kind="outline")
     second = Predictor.load(path).version
     assert second != first.version and second.startswith(f"{network_only}+r")
 
@@ -94,8 +99,8 @@ def test_operating_point_is_written_beside_unchanged_weights(tmp_path):
 def test_a_calibrated_copy_carries_the_refiners_its_threshold_was_chosen_with(tmp_path):
     _, path = _saved(tmp_path)
     torch.manual_seed(1)
-    save_refiner(LesionRefiner(), path, {})
-    save_refiner(outline_refiner(), path, {}, kind="outline")
+    save_refiner(LesionRefiner(), path, {}, network_sha256=_digest(path))
+    save_refiner(outline_refiner(), path, {}, network_sha256=_digest(path), kind="outline")
     source = Predictor.load(path)
     out = save_operating_point(path, tmp_path / "site" / "calibrated.safetensors", 0.35, {})
     copy = Predictor.load(out)
@@ -105,10 +110,20 @@ def test_a_calibrated_copy_carries_the_refiners_its_threshold_was_chosen_with(tm
     assert Predictor.load(out).outline.digest == source.outline.digest
 
 
+def test_a_refiner_left_beside_a_new_network_is_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    save_refiner(outline_refiner(), path, {}, network_sha256=_digest(path), kind="outline")
+    assert Predictor.load(path).outline is not None
+    torch.manual_seed(5)
+    save_checkpoint(path, build_network(CFG), {"preprocessing": PREP.to_dict()})  # a retrained network, same path
+    with pytest.raises(CheckpointError, match="m.outline.safetensors learned from the network .* belongs to another"):
+        Predictor.load(path)
+
+
 def test_a_calibrated_copy_never_takes_a_refiner_of_another_model(tmp_path):
     _, path = _saved(tmp_path)
     out = tmp_path / "calibrated.safetensors"
-    save_refiner(outline_refiner(), out, {}, kind="outline")  # left there by an earlier model
+    save_refiner(outline_refiner(), out, {}, network_sha256="0" * 64, kind="outline")  # left by an earlier model
     with pytest.raises(CheckpointError, match="belongs to another model"):
         save_operating_point(path, out, 0.35, {})
     assert not out.exists()  # refused before anything was written

@@ -10,6 +10,9 @@ import torch
 from model.outline import KIND, MULTIPLE, POOL, lesion_box, outline_crop, outline_refiner, padded
 from model.refiner import FILL, load_refiner, refiner_path, save_refiner
 
+#: The weights digest of the (imagined) network the refiners here learned from.
+NETWORK = "ab" * 32
+
 
 def test_the_box_grows_the_lesion_by_the_margin_and_stops_at_the_array():
     lesion = np.zeros((20, 30, 30), bool)
@@ -41,13 +44,13 @@ def test_a_trained_outline_refiner_is_saved_and_loaded_beside_its_checkpoint(tmp
     model = outline_refiner()
     torch.nn.init.normal_(model.head.weight)  # a correction that is not zero
     checkpoint = tmp_path / "net.safetensors"
-    assert load_refiner(checkpoint, kind=KIND) is None
-    path = save_refiner(model, checkpoint, {"best_epoch": 4}, kind=KIND)
+    assert load_refiner(checkpoint, network_sha256=NETWORK, kind=KIND) is None
+    path = save_refiner(model, checkpoint, {"best_epoch": 4}, network_sha256=NETWORK, kind=KIND)
     assert path == refiner_path(checkpoint, KIND) == tmp_path / "net.outline.safetensors"
-    assert load_refiner(checkpoint) is None  # the lesion refiner's file is another one
+    assert load_refiner(checkpoint, network_sha256=NETWORK) is None  # the lesion refiner's file is another one
     meta = json.loads((tmp_path / "net.outline.json").read_text())
     assert meta["pool"] == list(POOL) and meta["best_epoch"] == 4
-    loaded = load_refiner(checkpoint, kind=KIND)
+    loaded = load_refiner(checkpoint, network_sha256=NETWORK, kind=KIND)
     assert loaded.pool == POOL
     crop = np.random.default_rng(3).random((3, 6, 16, 24), dtype=np.float32)
     expected = outline_crop(model.eval(), crop)

@@ -21,6 +21,9 @@ from model.refiner import (
     save_refiner,
 )
 
+#: The weights digest of the (imagined) network the refiners here learned from.
+NETWORK = "ab" * 32
+
 
 def _volume(n=40, h=64, w=64, seed=0):
     rng = np.random.default_rng(seed)
@@ -74,11 +77,11 @@ def test_save_and_load_beside_a_checkpoint(tmp_path):
     torch.manual_seed(1)
     refiner = LesionRefiner()
     checkpoint = tmp_path / "net.safetensors"
-    assert load_refiner(checkpoint) is None  # a checkpoint without a refiner
-    path = save_refiner(refiner, checkpoint, {"best_epoch": 3})
+    assert load_refiner(checkpoint, network_sha256=NETWORK) is None  # a checkpoint without a refiner
+    path = save_refiner(refiner, checkpoint, {"best_epoch": 3}, network_sha256=NETWORK)
     assert path == refiner_path(checkpoint) == tmp_path / "net.refiner.safetensors"
     assert json.loads((tmp_path / "net.refiner.json").read_text())["best_epoch"] == 3
-    loaded = load_refiner(checkpoint)
+    loaded = load_refiner(checkpoint, network_sha256=NETWORK)
     x = torch.rand(1, 3, *CROP)
     with torch.no_grad():
         assert torch.equal(loaded(x), refiner.eval()(x))
@@ -87,14 +90,28 @@ def test_save_and_load_beside_a_checkpoint(tmp_path):
 
 def test_a_broken_refiner_is_refused_with_its_path(tmp_path):
     checkpoint = tmp_path / "net.safetensors"
-    save_refiner(LesionRefiner(), checkpoint, {})
+    save_refiner(LesionRefiner(), checkpoint, {}, network_sha256=NETWORK)
     meta = tmp_path / "net.refiner.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "widths": [4, 8, 16]}))
     with pytest.raises(CheckpointError, match="net.refiner.safetensors: weights do not fit"):
-        load_refiner(checkpoint)
+        load_refiner(checkpoint, network_sha256=NETWORK)
     meta.write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
-        load_refiner(checkpoint)
+        load_refiner(checkpoint, network_sha256=NETWORK)
+
+
+def test_a_refiner_is_refused_beside_a_network_it_did_not_learn_from(tmp_path):
+    checkpoint = tmp_path / "net.safetensors"
+    save_refiner(LesionRefiner(), checkpoint, {}, network_sha256=NETWORK)
+    with pytest.raises(CheckpointError, match="learned from the network abababab, not from this checkpoint's network "
+                                              "cdcdcdcd: it belongs to another model"):
+        load_refiner(checkpoint, network_sha256="cd" * 32)
+    meta = tmp_path / "net.refiner.json"
+    record = json.loads(meta.read_text())
+    del record["network_sha256"]
+    meta.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="learned from no named network"):
+        load_refiner(checkpoint, network_sha256=NETWORK)
 
 
 def test_the_training_loss_ignores_the_padding_outside_the_mask():
