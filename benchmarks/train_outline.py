@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from model.metrics import dice  # noqa: E402
 from model.outline import KIND, PATCH, lesion_box, outline_refiner  # noqa: E402
-from model.refiner import LesionRefiner, augmented, filled, load_refiner, refiner_loss, save_refiner  # noqa: E402
+from model.refiner import LesionRefiner, augmented, filled, fit, load_refiner, save_refiner  # noqa: E402
 from pipeline.postprocess import postprocess_with  # noqa: E402
 from pipeline.refinement import outline_in_place  # noqa: E402
 from pipeline.settings import ProcessSettings  # noqa: E402
@@ -124,20 +124,31 @@ def training_window(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> t
     return inputs, truth, mask
 
 
-def evaluate(model: LesionRefiner | None, paths: list[Path], prep, threshold: float) -> dict:
-    """Mean Dice of the delivered lesion without and with ``model``, overall and below/above 2 cc."""
+def delivered(box: dict[str, np.ndarray], prep, refiner: LesionRefiner | None, threshold: float) -> float:
+    """Dice of the lesion the node delivers from ``box``, re-outlined by ``refiner`` (None: as it comes)."""
+    spacing = tuple(float(s) for s in box["spacing"])
+    prob = box["prob"].copy()
+    outline_in_place(prob, box["ct"], box["suv"], IDENTITY, prep, refiner, spacing, SETTINGS, threshold)
+    return dice(postprocess_with(prob, spacing, SETTINGS, threshold, suv=box["suv"]) > 0, box["truth"])
+
+
+def delivered_scores(paths: list[Path], threshold: float) -> list[float]:
+    """:func:`delivered` without an outline refiner, for each box of ``paths``."""
+    return [delivered(load_box(path), None, None, threshold) for path in paths]
+
+
+def evaluate(model: LesionRefiner | None, paths: list[Path], prep, threshold: float,
+             without: list[float] | None = None) -> dict:
+    """Mean Dice of the delivered lesion without and with ``model``, overall and below/above 2 cc.
+
+    ``without``: the boxes' :func:`delivered_scores` when already known.
+    """
+    without = delivered_scores(paths, threshold) if without is None else without
     rows = []
-    for path in paths:
+    for path, before in zip(paths, without, strict=True):
         box = load_box(path)
-        spacing = tuple(float(s) for s in box["spacing"])
-        cc = float(box["truth"].sum()) * float(np.prod(spacing)) / 1000
-        scores = []
-        for refiner in (None, model):
-            prob = box["prob"].copy()
-            outline_in_place(prob, box["ct"], box["suv"], IDENTITY, prep, refiner, spacing, SETTINGS, threshold)
-            scores.append(dice(postprocess_with(prob, spacing, SETTINGS, threshold, suv=box["suv"]) > 0,
-                               box["truth"]))
-        rows.append((path.stem, cc, *scores))
+        cc = float(box["truth"].sum()) * float(np.prod(box["spacing"])) / 1000
+        rows.append((path.stem, cc, before, delivered(box, prep, model, threshold)))
     a = np.asarray([r[1:] for r in rows], float)
     diff = a[:, 2] - a[:, 1]
     summary = {"studies": len(a), "delivered": a[:, 1].mean(), "outlined": a[:, 2].mean(),
@@ -161,34 +172,19 @@ def train(boxes: list[Path], val: Path, out: Path, epochs: int, checkpoint: Path
     source = f"{len(data)} delivered lesions of {len(paths)} stored boxes ({', '.join(b.name for b in boxes)})"
     print(source, flush=True)
     model = outline_refiner(widths)
-    steps = max(1, len(data) // batch)
-    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * steps, pct_start=0.1)
     out.parent.mkdir(parents=True, exist_ok=True)
+    without = delivered_scores(val_paths, threshold)
     best = -1.0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        start, total = time.time(), 0.0
-        order = rng.permutation(len(data))
-        for step in range(steps):
-            xs, ys, masks = [], [], []
-            for j in order[step * batch:(step + 1) * batch]:
-                x, y, m = training_window(*data[j], rng)
-                x, (y, m) = augmented(x, [y, m], rng)
-                xs.append(x)
-                ys.append(y)
-                masks.append(m)
-            xb = torch.from_numpy(np.stack(xs))
-            yb, mb = (torch.from_numpy(np.stack(v))[:, None] for v in (ys, masks))
-            loss = refiner_loss(model(xb), yb, mb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        model.eval()
-        score = evaluate(model, val_paths, prep, threshold)["summary"]
-        print(f"epoch {epoch}: loss {total / steps:.4f}, {time.time() - start:.0f} s; {val.name} "
+
+    def sample(j: int) -> tuple[np.ndarray, ...]:
+        x, y, m = training_window(*data[j], rng)
+        x, (y, m) = augmented(x, [y, m], rng)
+        return x, y, m
+
+    def after_epoch(epoch: int, loss: float, seconds: float) -> None:
+        nonlocal best
+        score = evaluate(model, val_paths, prep, threshold, without)["summary"]
+        print(f"epoch {epoch}: loss {loss:.4f}, {seconds:.0f} s; {val.name} "
               f"{score['delivered']:.4f} -> {score['outlined']:.4f}", flush=True)
         if score["outlined"] > best:
             best = score["outlined"]
@@ -196,6 +192,8 @@ def train(boxes: list[Path], val: Path, out: Path, epochs: int, checkpoint: Path
                                       "best_epoch": epoch, "selected_on": val.name, "val_dice": score["outlined"],
                                       "val_dice_without": score["delivered"], "seed": seed},
                          network_sha256=predictor.metadata["weights_sha256"], kind=KIND)
+
+    fit(model, sample, len(data), epochs, 2e-3, 0.1, rng, after_epoch, batch)
 
 
 def main() -> None:

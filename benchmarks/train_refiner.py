@@ -43,8 +43,8 @@ from model.refiner import (  # noqa: E402
     LesionRefiner,
     augmented,
     crop_around,
+    fit,
     load_refiner,
-    refiner_loss,
     save_refiner,
 )
 
@@ -231,35 +231,20 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
         source = f"{len(data)} training crops of the 448 studies' training split"
     print(source, flush=True)
     model = LesionRefiner(widths)
-    batch = 4
-    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * (len(data) // batch), pct_start=0.05)
     out.parent.mkdir(parents=True, exist_ok=True)
     best = -1.0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        start, total = time.time(), 0.0
-        order = rng.permutation(len(data))
-        for i in range(0, len(order) - batch + 1, batch):
-            xs, ys = [], []
-            for j in order[i:i + batch]:
-                x, y = data[j]
-                o = [int(rng.integers(0, 2 * m + 1)) for m in JITTER]
-                window = tuple(slice(a, a + c) for a, c in zip(o, CROP, strict=True))
-                x, (y,) = augmented(x[(slice(None), *window)].astype(np.float32), [y[window]], rng)
-                xs.append(x)
-                ys.append(y)
-            xb = torch.from_numpy(np.stack(xs))
-            yb = torch.from_numpy(np.stack(ys)).float()[:, None]
-            loss = refiner_loss(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        model.eval()
+
+    def sample(j: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = data[j]
+        o = [int(rng.integers(0, 2 * m + 1)) for m in JITTER]
+        window = tuple(slice(a, a + c) for a, c in zip(o, CROP, strict=True))
+        x, (y,) = augmented(x[(slice(None), *window)].astype(np.float32), [y[window]], rng)
+        return x, y
+
+    def after_epoch(epoch: int, loss: float, seconds: float) -> None:
+        nonlocal best
         val = evaluate(model, [by_uid[u] for u in val_uids], prep, cache, probs, threshold)["summary"]
-        print(f"epoch {epoch}: loss {total / (len(order) // batch):.4f}, {time.time() - start:.0f} s; validation "
+        print(f"epoch {epoch}: loss {loss:.4f}, {seconds:.0f} s; validation "
               f"{val['delivered']:.4f} -> {val['refined']:.4f}", flush=True)
         if val["refined"] > best:
             best = val["refined"]
@@ -267,6 +252,8 @@ def train(epochs: int, out: Path, cache: Path, probs: Path, checkpoint: Path | N
                                       "best_epoch": epoch, "val_dice": val["refined"],
                                       "val_dice_without": val["delivered"], "seed": seed},
                          network_sha256=meta["weights_sha256"])
+
+    fit(model, sample, len(data), epochs, 1e-3, 0.05, rng, after_epoch)
 
 
 def main() -> None:

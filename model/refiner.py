@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,38 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     dims = tuple(range(1, p.ndim))
     soft_dice = 1 - (2 * (p * target).sum(dims) + 1) / (p.sum(dims) + (target * mask).sum(dims) + 1)
     return bce + soft_dice.mean()
+
+
+def fit(model: LesionRefiner, sample: Callable[[int], tuple[np.ndarray, ...]], n_samples: int, epochs: int,
+        lr: float, pct_start: float, rng: np.random.Generator, after_epoch: Callable[[int, float, float], None],
+        batch: int = 4) -> None:
+    """Train a refiner: AdamW (weight decay 1e-4), a one-cycle schedule peaking at ``lr``, :func:`refiner_loss`.
+
+    Each epoch visits the samples in a new order drawn from ``rng`` in full batches of
+    ``batch``; ``sample(j)`` returns sample ``j``'s input (3, Z, Y, X), target and,
+    optionally, loss mask (each (Z, Y, X) float32), drawing any randomness it needs from
+    the same ``rng``. After each epoch the model is put in eval mode and
+    ``after_epoch(epoch, mean_loss, seconds)`` is called (to score and keep it).
+    """
+    steps = max(1, n_samples // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps, pct_start=pct_start)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start, total = time.time(), 0.0
+        order = rng.permutation(n_samples)
+        for step in range(steps):
+            parts = list(zip(*(sample(int(j)) for j in order[step * batch:(step + 1) * batch]), strict=True))
+            x = torch.from_numpy(np.stack(parts[0]))
+            y, *mask = (torch.from_numpy(np.stack(p).astype(np.float32))[:, None] for p in parts[1:])
+            loss = refiner_loss(model(x), y, mask[0] if mask else None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        model.eval()
+        after_epoch(epoch, total / steps, time.time() - start)
 
 
 def filled(shape: tuple[int, ...]) -> np.ndarray:

@@ -15,6 +15,7 @@ from model.refiner import (
     LesionRefiner,
     augmented,
     crop_around,
+    fit,
     load_refiner,
     refiner_loss,
     refiner_path,
@@ -139,3 +140,33 @@ def test_augmentation_flips_input_and_labels_together_and_scales_only_the_pet():
         assert np.allclose(gain, gain.flat[0]) and 0.9 <= gain.flat[0] <= 1.1
     assert len(seen) == 4  # every flip combination occurs
     assert np.array_equal(x, original)  # the input is left alone
+
+
+def _fitted(seed: int, epochs: int = 3) -> tuple[LesionRefiner, list[tuple[int, float, bool]]]:
+    """A tiny refiner fitted to a bright cube; the calls its after-epoch callback saw."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model, calls = LesionRefiner((2, 4, 8), (8, 16, 16)), []
+    target = np.zeros((8, 16, 16), np.float32)
+    target[2:6, 4:12, 4:12] = 1.0
+
+    def sample(j: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(0, 0.1, (3, 8, 16, 16)).astype(np.float32)
+        x[0] += target
+        return x, target
+
+    fit(model, sample, 8, epochs, 1e-2, 0.1, rng,
+        lambda epoch, loss, seconds: calls.append((epoch, loss, model.training)), batch=2)
+    return model, calls
+
+
+def test_fit_trains_reproducibly_and_reports_every_epoch_in_eval_mode():
+    model, calls = _fitted(3)
+    assert [c[0] for c in calls] == [1, 2, 3] and not any(c[2] for c in calls)
+    assert calls[-1][1] < calls[0][1]  # the loss falls
+    again, _ = _fitted(3)
+    other, _ = _fitted(4)
+    same = [torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)]
+    assert all(same)
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
+                                                     strict=True))
