@@ -50,6 +50,7 @@ class TrialResult:
     job_done: bool = False
     same_uids: bool = False
     foreign_exports: list[str] = field(default_factory=list)
+    resent: int = 0  # instances the sender sent again after a lost response (see AckingScu.send)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -138,7 +139,8 @@ def run_trial(case: str, study, work: Path, reference: list[str], rng: random.Ra
             killed.wait(30)
         else:
             scu = AckingScu(node.port)
-            acked = scu.send(study.files)
+            acked = scu.send(study.files, resend_unanswered=True)
+            res.resent = scu.resent
             if len(acked) != len(study.files):
                 res.problems.append(f"only {len(acked)}/{len(study.files)} acknowledged without a crash: {scu.error}")
             if case == "before_job":
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_trial(case, study, work / f"{case}-{i:03d}", reference, rng)
                 results.append(r)
                 print(f"trial {i} {case}: acked {r.acknowledged}, stored {r.stored} ({r.from_journal} from the journal), "
-                      f"lost {len(r.lost)}, "
+                      f"lost {len(r.lost)}, " + (f"{r.resent} sent again after a lost response, " if r.resent else "") +
                       f"job {'done' if r.job_done else 'NOT done'}, {'ok' if r.ok else 'FAIL'} "
                       f"({r.seconds:.1f} s){'' if r.ok else ' ' + '; '.join(r.problems)}", flush=True)
     finally:

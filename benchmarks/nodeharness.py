@@ -306,6 +306,10 @@ timeout_s = 10
 # -- a storage SCU that records what was acknowledged ------------------------------------------
 
 
+#: :attr:`AckingScu.error` when a C-STORE got no response (the association was aborted).
+NO_RESPONSE = "no response (aborted)"
+
+
 class AckingScu:
     """Sends files in one association and records the SOP Instance UIDs answered with success.
 
@@ -318,13 +322,31 @@ class AckingScu:
         self.acked: list[str] = []
         self.statuses: dict[str, int] = {}
         self.error: str | None = None
+        self.resent = 0
 
-    def send(self, files: Iterable[Path]) -> list[str]:
+    def send(self, files: Iterable[Path], resend_unanswered: bool = False) -> list[str]:
+        """Send ``files`` in one association; returns the acknowledged SOP Instance UIDs.
+
+        ``resend_unanswered``: when a C-STORE gets no response (the association is
+        aborted), send the instances not yet answered once more in a new association, as
+        senders do. pynetdicom's requestor can lose a response to its own reactor thread
+        under heavy CPU load (it then waits out the DIMSE timeout and aborts); ``resent``
+        counts the instances sent again.
+        """
         from pydicom import dcmread
+
+        datasets = [dcmread(p) for p in files]
+        self._send_once(datasets)
+        if resend_unanswered and self.error == NO_RESPONSE:
+            rest = [ds for ds in datasets if str(ds.SOPInstanceUID) not in self.statuses]
+            self.resent, self.error = len(rest), None
+            self._send_once(rest)
+        return self.acked
+
+    def _send_once(self, datasets: list[Any]) -> None:
+        """Send ``datasets`` in one association, recording each answer."""
         from pynetdicom import AE
 
-        files = list(files)
-        datasets = [dcmread(p) for p in files]
         ae = AE(ae_title=self.aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for cls, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
@@ -332,7 +354,7 @@ class AckingScu:
         assoc = ae.associate("127.0.0.1", self.port, ae_title=self.aec)
         if not assoc.is_established:
             self.error = "association not established"
-            return self.acked
+            return
         try:
             for ds in datasets:
                 try:
@@ -342,7 +364,7 @@ class AckingScu:
                     break
                 status = int(rsp.Status) if "Status" in rsp else None
                 if status is None:
-                    self.error = "no response (aborted)"
+                    self.error = NO_RESPONSE
                     break
                 self.statuses[str(ds.SOPInstanceUID)] = status
                 if status == 0:
@@ -353,7 +375,6 @@ class AckingScu:
             if assoc.is_established:
                 assoc.release()
             ae.shutdown()
-        return self.acked
 
 
 # -- a destination SCP that records every instance it receives ---------------------------------
