@@ -182,8 +182,11 @@ def save_ensemble(paths: Sequence[Path], out: Path, description: str = "") -> Pa
     training data, training recipe, initialisation and metrics are kept in the
     metadata's "members" list.
     """
+    from model.refiner import refuse_refiners_beside
+
     if len(paths) < 2:
         raise CheckpointError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
+    refuse_refiners_beside(out)
     networks, metas = [], []
     for path in paths:
         network, meta = load_checkpoint(path)

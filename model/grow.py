@@ -19,6 +19,7 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.errors import CheckpointError
 from model.network import SimMamba, build_network
+from model.refiner import refuse_refiners_beside
 
 #: Convolutions whose input is the concatenation [decoder features, something fixed]:
 #: name -> the decoder level (index into NetConfig.decoder) of the first part.
@@ -100,6 +101,7 @@ def grow_checkpoint(path: Path, out: Path, decoder_widths: tuple[int, int, int],
     and the source's calibrated operating point is dropped (calibrate the new network
     after training it).
     """
+    refuse_refiners_beside(out)
     net, meta = load_checkpoint(path)
     if not isinstance(net, SimMamba):
         raise CheckpointError(f"checkpoint {path}: an ensemble cannot be grown; grow one of its members")

@@ -217,6 +217,18 @@ def refuse_foreign_refiners(src: Path, out: Path) -> None:
                                   "refiner; remove it or write to another path")
 
 
+def refuse_refiners_beside(checkpoint: Path) -> None:
+    """Raise :class:`CheckpointError` when refiners lie beside ``checkpoint``, which a new network is to replace.
+
+    They learned from the network there now, and beside the new one they would be refused
+    when loaded (:func:`load_refiner`): better to say so before training or writing it.
+    """
+    found = [refiner_path(checkpoint, kind).name for kind in KINDS if refiner_path(checkpoint, kind).is_file()]
+    if found:
+        raise CheckpointError(f"{checkpoint}: {', '.join(found)} beside it learned from the network there now and "
+                              "would not fit a new one; move them away, or write the new network to another path")
+
+
 def copy_refiners(src: Path, out: Path) -> list[str]:
     """Copy every refiner beside checkpoint ``src`` to beside checkpoint ``out``; returns the kinds copied.
 

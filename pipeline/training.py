@@ -274,7 +274,9 @@ def run_training(req: TrainRequest) -> dict[str, Any]:
     """Prepare samples (cached), split by study, train, and write the best checkpoint."""
     from model.checkpoint import read_metadata
     from model.network import NetConfig
+    from model.refiner import refuse_refiners_beside
 
+    refuse_refiners_beside(req.out)  # before hours of training, not when the node first loads it
     if req.init is not None:
         prep = Preprocessing.from_dict(read_metadata(req.init)["preprocessing"])
     else:

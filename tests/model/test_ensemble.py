@@ -15,6 +15,7 @@ from model.errors import CheckpointError
 from model.network import NetConfig, build_network
 from model.predict import Predictor
 from model.preprocessing import Preprocessing
+from model.refiner import LesionRefiner, save_refiner
 from model.train import TrainConfig, train_model
 
 CFG = NetConfig(slices=3, widths=(4, 8, 8, 8), d_state=4)
@@ -77,6 +78,9 @@ def test_bad_ensembles_are_refused_clearly(tmp_path):
     ens = save_ensemble([p1, p2], tmp_path / "ens.safetensors")
     with pytest.raises(CheckpointError, match="itself an ensemble"):
         save_ensemble([ens, p1], tmp_path / "nested.safetensors")
+    save_refiner(LesionRefiner(), tmp_path / "old.safetensors", {}, network_sha256="ab" * 32, kind="outline")
+    with pytest.raises(CheckpointError, match="old.outline.safetensors beside it learned from the network there"):
+        save_ensemble([p1, p2], tmp_path / "old.safetensors")
     # metadata that names one member only, or a K the preprocessing does not have
     meta = json.loads(metadata_path(ens).read_text())
     for broken in ({**meta, "members": meta["members"][:1]},

@@ -7,6 +7,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.errors import CheckpointError
 from model.grow import grow_checkpoint, grow_decoder
 from model.network import NetConfig, build_network
+from model.refiner import LesionRefiner, save_refiner
 
 CFG = NetConfig(slices=3, widths=(4, 8, 8, 8), d_state=4)
 
@@ -79,3 +80,12 @@ def test_growing_a_checkpoint_narrower_is_a_checkpoint_error(tmp_path):
     src = save_checkpoint(tmp_path / "m.safetensors", _trained_like(), {"preprocessing": {"slices": 3}})
     with pytest.raises(CheckpointError, match="at least the current"):
         grow_checkpoint(src, tmp_path / "g.safetensors", (2, 8, 4), 8)
+
+
+def test_a_grown_network_is_not_written_where_refiners_of_another_lie(tmp_path):
+    src = save_checkpoint(tmp_path / "m.safetensors", _trained_like(), {"preprocessing": {"slices": 3}})
+    out = tmp_path / "grown.safetensors"
+    save_refiner(LesionRefiner(), out, {}, network_sha256="ab" * 32)
+    with pytest.raises(CheckpointError, match="grown.refiner.safetensors beside it learned from the network there"):
+        grow_checkpoint(src, out, (8, 8, 8), 8)
+    assert not out.exists()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, metadata_path
+from model.errors import CheckpointError
 from model.preprocessing import Preprocessing
+from model.refiner import LesionRefiner, save_refiner
 from model.train import StudySamples
 from pipeline.errors import LabelError, PipelineError
 from pipeline.training import (
@@ -103,6 +105,10 @@ def test_stepped_samples_are_the_inference_stacks(small_study, tmp_path):
     with pytest.raises(PipelineError, match="slice step must be a positive"):
         run_training(TrainRequest(data=[small_study], out=tmp_path / "x.safetensors", roi_names=["IGTV"],
                                   slice_step=0, progress=False))
+    save_refiner(LesionRefiner(), tmp_path / "old.safetensors", {}, network_sha256="ab" * 32)
+    with pytest.raises(CheckpointError, match="old.refiner.safetensors beside it .* write the new network"):
+        run_training(TrainRequest(data=[small_study], out=tmp_path / "old.safetensors", roi_names=["IGTV"],
+                                  progress=False))
 
 
 def test_area_and_majority_labels_are_cached_apart_and_agree(small_study, tmp_path):
