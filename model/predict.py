@@ -17,9 +17,8 @@ from model.checkpoint import (
     weights_sha256,
 )
 from model.device import resolve_device
-from model.outline import KIND as OUTLINE
 from model.preprocessing import Preprocessing
-from model.refiner import LesionRefiner, load_refiner
+from model.refiner import LesionRefiner, load_refiners
 
 #: Test-time flip sets: (left-right flip, slice-order flip) per pass.
 TEST_TIME_FLIPS: dict[str, tuple[tuple[bool, bool], ...]] = {
@@ -77,9 +76,8 @@ class Predictor:
         path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
         dev = resolve_device(device)
         network, meta = load_checkpoint(path, device=str(dev))
-        digest = weights_sha256(path, meta)
-        refiner = load_refiner(path, network_sha256=digest)  # on the CPU: one small crop per study
-        outline = load_refiner(path, network_sha256=digest, kind=OUTLINE)  # on the CPU: one box of the CT grid
+        # on the CPU: the lesion refiner sees one small crop per study, the outline refiner one CT-grid box
+        refiner, outline = load_refiners(path, network_sha256=weights_sha256(path, meta))
         return cls(
             network=network,
             preprocessing=Preprocessing.from_dict(meta["preprocessing"]),

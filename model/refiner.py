@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from model.errors import CheckpointError
@@ -206,15 +206,20 @@ def refiner_path(checkpoint: Path, kind: str = "refiner") -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.{kind}.safetensors")
 
 
+def refiners_beside(checkpoint: Path) -> list[str]:
+    """The kinds (:data:`KINDS`) of refiner whose weights lie beside ``checkpoint``."""
+    return [kind for kind in KINDS if refiner_path(checkpoint, kind).is_file()]
+
+
 def refuse_foreign_refiners(src: Path, out: Path) -> None:
     """Raise :class:`CheckpointError` when ``out`` has a refiner of a kind that ``src`` lacks.
 
     Such a refiner belongs to another model; overwriting or deleting it is left to the user.
     """
-    for kind in KINDS:
-        if refiner_path(out, kind).is_file() and not refiner_path(src, kind).is_file():
-            raise CheckpointError(f"{refiner_path(out, kind)} belongs to another model: {src} has no {kind} "
-                                  "refiner; remove it or write to another path")
+    foreign = [kind for kind in refiners_beside(out) if kind not in refiners_beside(src)]
+    if foreign:
+        raise CheckpointError(f"{refiner_path(out, foreign[0])} belongs to another model: {src} has no {foreign[0]} "
+                              "refiner; remove it or write to another path")
 
 
 def refuse_refiners_beside(checkpoint: Path) -> None:
@@ -223,14 +228,14 @@ def refuse_refiners_beside(checkpoint: Path) -> None:
     They learned from the network there now, and beside the new one they would be refused
     when loaded (:func:`load_refiner`): better to say so before training or writing it.
     """
-    found = [refiner_path(checkpoint, kind).name for kind in KINDS if refiner_path(checkpoint, kind).is_file()]
+    found = [refiner_path(checkpoint, kind).name for kind in refiners_beside(checkpoint)]
     if found:
         raise CheckpointError(f"{checkpoint}: {', '.join(found)} beside it learned from the network there now and "
                               "would not fit a new one; move them away, or write the new network to another path")
 
 
-def copy_refiners(src: Path, out: Path) -> list[str]:
-    """Copy every refiner beside checkpoint ``src`` to beside checkpoint ``out``; returns the kinds copied.
+def copy_refiners(src: Path, out: Path) -> None:
+    """Copy every refiner beside checkpoint ``src`` to beside checkpoint ``out``.
 
     A copy of a checkpoint's weights (a calibrated one, say) refines as ``src`` does only
     with ``src``'s refiners. Each file is written to a temporary name and renamed.
@@ -238,17 +243,14 @@ def copy_refiners(src: Path, out: Path) -> list[str]:
     """
     src, out = Path(src), Path(out)
     refuse_foreign_refiners(src, out)
-    copied = []
-    for kind in KINDS:
+    for kind in refiners_beside(src):
         source, target = refiner_path(src, kind), refiner_path(out, kind)
-        if not source.is_file() or source.resolve() == target.resolve():
+        if source.resolve() == target.resolve():
             continue
         for a, b in ((source, target), (source.with_suffix(".json"), target.with_suffix(".json"))):
             tmp = b.with_name(b.name + ".tmp")
             shutil.copyfile(a, tmp)
             tmp.replace(b)
-        copied.append(kind)
-    return copied
 
 
 def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any], *, network_sha256: str,
@@ -297,8 +299,15 @@ def load_refiner(checkpoint: Path, *, network_sha256: str, device: str | torch.d
                               "one for this network")
     model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]), tuple(meta.get("pool", (2, 2, 2))))
     try:
-        model.load_state_dict(load_file(str(path)))
+        data = path.read_bytes()  # read once: loaded and hashed for the version
+        model.load_state_dict(load(data))
     except (RuntimeError, OSError, ValueError) as exc:
         raise CheckpointError(f"refiner {path}: weights do not fit its metadata ({exc})") from None
-    model.digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    model.digest = hashlib.sha256(data).hexdigest()[:8]
     return model.to(device).eval()
+
+
+def load_refiners(checkpoint: Path, *, network_sha256: str) -> tuple[LesionRefiner | None, LesionRefiner | None]:
+    """The lesion refiner and the outline refiner beside ``checkpoint`` (:func:`load_refiner`; None when absent)."""
+    lesion, outline = (load_refiner(checkpoint, network_sha256=network_sha256, kind=kind) for kind in KINDS)
+    return lesion, outline

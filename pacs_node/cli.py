@@ -350,7 +350,7 @@ def calibrate(
 ) -> None:
     """Choose the probability threshold with the best mean Dice on labelled studies."""
     from model.checkpoint import save_operating_point, shipped_checkpoint_path
-    from model.refiner import KINDS, refiner_path
+    from model.refiner import refiners_beside
     from pacs_node.config import load_config
     from pipeline.calibration import DEFAULT_CANDIDATES
     from pipeline.calibration import calibrate as run_calibration
@@ -369,7 +369,7 @@ def calibrate(
         if out is not None:
             source = checkpoint if checkpoint is not None else shipped_checkpoint_path()
             save_operating_point(source, out, result.chosen, result.record())
-            kinds = [kind for kind in KINDS if refiner_path(out, kind).is_file()]
+            kinds = refiners_beside(out)
             typer.echo(f"threshold {result.chosen:g} written to {out}"
                        + (f" with its refiners ({', '.join(kinds)})" if kinds else ""))
     except (IgtvError, ValueError) as exc:

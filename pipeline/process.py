@@ -223,14 +223,12 @@ def check_model(checkpoint: Path | None, device: str) -> None:
     """
     from model.checkpoint import read_metadata, shipped_checkpoint_path, weights_sha256
     from model.device import resolve_device
-    from model.outline import KIND as OUTLINE
-    from model.refiner import load_refiner
+    from model.refiner import load_refiners
 
     resolve_device(device)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint_path()
-    digest = weights_sha256(path, read_metadata(path))
-    load_refiner(path, network_sha256=digest)  # small; a broken refiner file fails here, not at the first study
-    load_refiner(path, network_sha256=digest, kind=OUTLINE)
+    # small; a broken refiner file fails here, not at the first study
+    load_refiners(path, network_sha256=weights_sha256(path, read_metadata(path)))
 
 
 @functools.lru_cache(maxsize=2)
