@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 from torch import nn
 
@@ -301,7 +302,7 @@ def load_refiner(checkpoint: Path, *, network_sha256: str, device: str | torch.d
     try:
         data = path.read_bytes()  # read once: loaded and hashed for the version
         model.load_state_dict(load(data))
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"refiner {path}: weights do not fit its metadata ({exc})") from None
     model.digest = hashlib.sha256(data).hexdigest()[:8]
     return model.to(device).eval()

@@ -99,6 +99,10 @@ def test_a_broken_refiner_is_refused_with_its_path(tmp_path):
     meta.write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_refiner(checkpoint, network_sha256=NETWORK)
+    save_refiner(LesionRefiner(), checkpoint, {}, network_sha256=NETWORK)
+    (tmp_path / "net.refiner.safetensors").write_bytes(b"not weights")  # readable metadata, broken weights
+    with pytest.raises(CheckpointError, match="net.refiner.safetensors: weights do not fit"):
+        load_refiner(checkpoint, network_sha256=NETWORK)
 
 
 def test_a_refiner_is_refused_beside_a_network_it_did_not_learn_from(tmp_path):
