@@ -63,15 +63,23 @@ class LesionRefiner(nn.Module):
     pool:
         Downsampling (z, y, x) between levels: (2, 2, 2) on the model grid; (1, 2, 2) for
         the outline refiner (:mod:`model.outline`), whose CT slices are already coarse.
+    inputs:
+        Input channels: 3, or 4 for an outline refiner that is also given the lesion's
+        breathing amplitude (:func:`model.outline.with_amplitude`).
+    box_margin:
+        Outline refiner only: the CT voxels (z, y, x) around the lesion it re-outlines
+        (None: :data:`model.outline.MARGIN`).
     """
 
     def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), crop: tuple[int, int, int] = CROP,
-                 pool: tuple[int, int, int] = (2, 2, 2)) -> None:
+                 pool: tuple[int, int, int] = (2, 2, 2), inputs: int = 3,
+                 box_margin: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         w0, w1, w2 = widths
-        self.widths, self.crop, self.pool = tuple(widths), tuple(crop), tuple(pool)
+        self.widths, self.crop, self.pool, self.inputs = tuple(widths), tuple(crop), tuple(pool), int(inputs)
+        self.box_margin = None if box_margin is None else tuple(int(m) for m in box_margin)
         self.digest: str | None = None  # the first 8 hex digits of its weights file's SHA-256, once loaded
-        self.e0, self.e1, self.e2 = _Block(3, w0), _Block(w0, w1), _Block(w1, w2)
+        self.e0, self.e1, self.e2 = _Block(self.inputs, w0), _Block(w0, w1), _Block(w1, w2)
         self.d1, self.d0 = _Block(w2 + w1, w1), _Block(w1 + w0, w0)
         self.head = nn.Conv3d(w0, 1, 1)
 
@@ -119,7 +127,7 @@ class LesionRefiner(nn.Module):
 def augmented(x: np.ndarray, labels: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
     """A refiner's training crop augmented: left-right and anterior-posterior flips, PET gain within ±10 %.
 
-    ``x`` is (3, Z, Y, X) with PET first; each of ``labels`` (Z, Y, X) is flipped with it.
+    ``x`` is (C, Z, Y, X) with PET first; each of ``labels`` (Z, Y, X) is flipped with it.
     Returns copies.
     """
     for axis in (2, 1):
@@ -265,6 +273,10 @@ def save_refiner(model: LesionRefiner, checkpoint: Path, meta: dict[str, Any], *
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     record = {**meta, "format": FORMAT, "widths": list(model.widths), "crop": list(model.crop),
               "pool": list(model.pool), "network_sha256": network_sha256}
+    if model.inputs != 3:
+        record["inputs"] = model.inputs
+    if model.box_margin is not None:
+        record["box_margin"] = list(model.box_margin)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -298,7 +310,12 @@ def load_refiner(checkpoint: Path, *, network_sha256: str, device: str | torch.d
         raise CheckpointError(f"refiner {path} learned from {source}, not from this checkpoint's network "
                               f"{network_sha256[:8]}: it belongs to another model; move it away, or train "
                               "one for this network")
-    model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]), tuple(meta.get("pool", (2, 2, 2))))
+    margin = meta.get("box_margin")
+    try:
+        model = LesionRefiner(tuple(meta["widths"]), tuple(meta["crop"]), tuple(meta.get("pool", (2, 2, 2))),
+                              inputs=int(meta.get("inputs", 3)), box_margin=None if margin is None else tuple(margin))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"refiner {path}: metadata does not describe a refiner ({exc})") from None
     try:
         data = path.read_bytes()  # read once: loaded and hashed for the version
         model.load_state_dict(load(data))

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.motion import FIT_MARGIN, AmplitudeFit, fit_si_amplitude
 from pipeline.postprocess import postprocess_with
 from pipeline.settings import ProcessSettings
 
@@ -68,9 +69,27 @@ def canonical_crop(canonical: Any, array: np.ndarray, box: tuple[slice, ...]) ->
     return view if canonical.z_superior else view[::-1]
 
 
+def lesion_amplitude(ct_hu: np.ndarray, suv: np.ndarray, lesion: np.ndarray, canonical: Any,
+                     spacing_zyx: tuple[float, float, float]) -> AmplitudeFit | None:
+    """The breathing sweep of ``lesion`` fitted from the PET around it (:func:`pipeline.motion.fit_si_amplitude`).
+
+    ``ct_hu``, ``suv`` and ``lesion`` are (Z, Y, X) CT-grid arrays in the CT's own
+    orientation; the fit sees :data:`~pipeline.motion.FIT_MARGIN` voxels around the lesion
+    in the ``canonical`` one. None when the lesion is empty or nothing can be fitted.
+    """
+    from model.outline import lesion_box
+
+    box = lesion_box(lesion, FIT_MARGIN)
+    if box is None:
+        return None
+    sz, sy, sx = spacing_zyx
+    spacing = (sz, sx, sy) if canonical.transpose else (sz, sy, sx)
+    return fit_si_amplitude(*(canonical_crop(canonical, a, box) for a in (suv, ct_hu, lesion)), spacing)
+
+
 def outline_in_place(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarray, canonical: Any, prep: Any,
                      outline: Any, spacing_zyx: tuple[float, float, float], settings: ProcessSettings,
-                     threshold: float) -> bool:
+                     threshold: float, notes: dict[str, Any] | None = None) -> bool:
     """Re-outline the delivered lesion of ``prob_ct`` with ``outline`` (:mod:`model.outline`), in place.
 
     The lesion is the one the node's post-processing keeps from ``prob_ct`` at
@@ -91,20 +110,32 @@ def outline_in_place(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarray, ca
         The CT's :class:`~pipeline.stacks.Canonical` orientation (the refiner sees that view).
     prep:
         The network's :class:`~model.preprocessing.Preprocessing` (how PET and CT are normalised).
+    notes:
+        When given and the refiner takes the lesion's breathing amplitude
+        (:func:`model.outline.takes_amplitude`), ``si_amplitude_mm`` is set to the fitted one
+        (:func:`lesion_amplitude`; None when it could not be fitted, and the refiner is told 0).
     """
-    from model.outline import PIXEL_MM, lesion_box, outline_crop
+    from model.outline import PIXEL_MM, box_margin, lesion_box, outline_crop, takes_amplitude
 
     if outline is None or settings.keep_components != 1:
         return False
     if not all(PIXEL_MM[0] <= s <= PIXEL_MM[1] for s in spacing_zyx[1:]):
         return False
-    box = lesion_box(postprocess_with(prob_ct, spacing_zyx, settings, threshold, suv=suv) > 0)
+    lesion = postprocess_with(prob_ct, spacing_zyx, settings, threshold, suv=suv) > 0
+    box = lesion_box(lesion, box_margin(outline))
     if box is None:
         return False
+    amplitude = None
+    if takes_amplitude(outline):
+        fit = lesion_amplitude(ct_hu, suv, lesion, canonical, spacing_zyx)
+        amplitude = None if fit is None else fit.amplitude_mm
+        if notes is not None:
+            notes["si_amplitude_mm"] = amplitude
+    del lesion
     crop = np.stack([prep.normalise_pet(canonical_crop(canonical, suv, box)),
                      prep.normalise_ct(canonical_crop(canonical, ct_hu, box)),
                      canonical_crop(canonical, prob_ct, box)]).astype(np.float32)
-    refined = outline_crop(outline, crop)
+    refined = outline_crop(outline, crop, 0.0 if amplitude is None and takes_amplitude(outline) else amplitude)
     voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
     if np.count_nonzero(refined >= threshold) * voxel_cc < settings.min_component_cc:
         return False
@@ -115,17 +146,19 @@ def outline_in_place(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarray, ca
 
 def ct_grid_probabilities(predictor: Any, stackset: Any, ct_hu: np.ndarray, suv: np.ndarray,
                           spacing_zyx: tuple[float, float, float], settings: ProcessSettings, threshold: float,
-                          batch_size: int = 8) -> tuple[np.ndarray, dict[str, bool]]:
+                          batch_size: int = 8) -> tuple[np.ndarray, dict[str, Any]]:
     """The predictor's probabilities on the CT grid, refined as the node does.
 
     The one path the node, ``evaluate`` and ``calibrate`` share: :func:`model_probabilities`,
     then the CT grid, then the checkpoint's outline refiner, if it has one
     (:func:`outline_in_place`). Returns the (Z, Y, X) probabilities and which refiners
-    changed them (``lesion_refined``, ``outline_refined``).
+    changed them (``lesion_refined``, ``outline_refined``), with the lesion's fitted
+    breathing amplitude (``si_amplitude_mm``) when the outline refiner takes it.
     """
     probs, refined = model_probabilities(predictor, stackset, spacing_zyx[0], settings, threshold, batch_size)
     prob_ct = stackset.to_ct_grid(probs)
     del probs
+    notes: dict[str, Any] = {}
     outlined = outline_in_place(prob_ct, ct_hu, suv, stackset.canonical, stackset.prep,
-                                getattr(predictor, "outline", None), spacing_zyx, settings, threshold)
-    return prob_ct, {"lesion_refined": refined, "outline_refined": outlined}
+                                getattr(predictor, "outline", None), spacing_zyx, settings, threshold, notes)
+    return prob_ct, {"lesion_refined": refined, "outline_refined": outlined, **notes}

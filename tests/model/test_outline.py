@@ -5,9 +5,23 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
-from model.outline import KIND, MULTIPLE, POOL, lesion_box, outline_crop, outline_refiner, padded
+from model.outline import (
+    AMPLITUDE_SCALE_MM,
+    KIND,
+    MARGIN,
+    MULTIPLE,
+    POOL,
+    box_margin,
+    lesion_box,
+    outline_crop,
+    outline_refiner,
+    padded,
+    takes_amplitude,
+    with_amplitude,
+)
 from model.refiner import FILL, load_refiner, refiner_path, save_refiner
 
 #: The weights digest of the (imagined) network the refiners here learned from.
@@ -56,3 +70,45 @@ def test_a_trained_outline_refiner_is_saved_and_loaded_beside_its_checkpoint(tmp
     expected = outline_crop(model.eval(), crop)
     assert np.array_equal(outline_crop(loaded, crop), expected)
     assert not np.allclose(expected, crop[2], atol=1e-3)
+
+
+def test_the_amplitude_channel_is_the_scaled_amplitude_everywhere():
+    x = np.zeros((3, 2, 4, 4), np.float32)
+    out = with_amplitude(x, 12.5)
+    assert out.shape == (4, 2, 4, 4) and out.dtype == np.float32
+    assert np.array_equal(out[:3], x) and np.all(out[3] == np.float32(12.5 / AMPLITUDE_SCALE_MM))
+
+
+def test_an_amplitude_refiner_needs_the_amplitude_and_its_output_depends_on_it():
+    torch.manual_seed(4)
+    model = outline_refiner(amplitude=True)
+    torch.nn.init.normal_(model.head.weight)
+    model.eval()
+    assert takes_amplitude(model) and not takes_amplitude(outline_refiner())
+    crop = np.random.default_rng(5).random((3, 6, 16, 24), dtype=np.float32)
+    with pytest.raises(ValueError, match="breathing amplitude"):
+        outline_crop(model, crop)
+    still, moving = outline_crop(model, crop, 0.0), outline_crop(model, crop, 20.0)
+    assert still.shape == moving.shape == (6, 16, 24)
+    assert not np.allclose(still, moving, atol=1e-4)
+
+
+def test_inputs_and_box_margin_survive_saving_and_old_refiners_keep_the_defaults(tmp_path):
+    torch.manual_seed(6)
+    model = outline_refiner(amplitude=True, box_margin=(6, 12, 12))
+    torch.nn.init.normal_(model.head.weight)
+    checkpoint = tmp_path / "net.safetensors"
+    save_refiner(model, checkpoint, {}, network_sha256=NETWORK, kind=KIND)
+    meta = json.loads((tmp_path / "net.outline.json").read_text())
+    assert meta["inputs"] == 4 and meta["box_margin"] == [6, 12, 12]
+    loaded = load_refiner(checkpoint, network_sha256=NETWORK, kind=KIND)
+    assert takes_amplitude(loaded) and box_margin(loaded) == (6, 12, 12)
+    crop = np.random.default_rng(7).random((3, 5, 12, 12), dtype=np.float32)
+    assert np.array_equal(outline_crop(loaded, crop, 9.0), outline_crop(model.eval(), crop, 9.0))
+
+    plain = tmp_path / "plain.safetensors"
+    save_refiner(outline_refiner(), plain, {}, network_sha256=NETWORK, kind=KIND)
+    meta = json.loads((tmp_path / "plain.outline.json").read_text())
+    assert "inputs" not in meta and "box_margin" not in meta  # what refiners written before them hold
+    loaded = load_refiner(plain, network_sha256=NETWORK, kind=KIND)
+    assert not takes_amplitude(loaded) and box_margin(loaded) == MARGIN

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from model.outline import AMPLITUDE_SCALE_MM
 from model.preprocessing import Preprocessing
-from pipeline.refinement import outline_in_place, refine_probabilities
+from pipeline.refinement import lesion_amplitude, outline_in_place, refine_probabilities
 from pipeline.settings import ProcessSettings
 from pipeline.stacks import Canonical
 
@@ -73,13 +74,13 @@ def test_left_alone_without_refiner_with_several_lesions_kept_or_nothing_found()
 class MarkingOutline(torch.nn.Module):
     """An outline refiner stand-in: probability 0.9 on the crop's first (most inferior) slice, 0.01 elsewhere."""
 
-    def __init__(self, keep: bool = True) -> None:
+    def __init__(self, keep: bool = True, inputs: int = 3, box_margin: tuple[int, int, int] | None = None) -> None:
         super().__init__()
-        self.keep = keep
-        self.inputs: list[torch.Tensor] = []
+        self.keep, self.inputs, self.box_margin = keep, inputs, box_margin
+        self.seen: list[torch.Tensor] = []
 
     def forward(self, x):
-        self.inputs.append(x.clone())
+        self.seen.append(x.clone())
         out = torch.full(x[:, :1].shape, -4.6)
         if self.keep:
             out[:, :, 0] = 2.2
@@ -107,7 +108,7 @@ def test_the_outline_refiner_sees_the_canonical_box_around_the_kept_lesion_and_r
     outline = MarkingOutline()
     out = prob.copy()
     assert outline_in_place(out, hu, suv, _canonical(), Preprocessing(), outline, SPACING, ProcessSettings(), 0.4)
-    (x,) = outline.inputs
+    (x,) = outline.seen
     assert x.shape == (1, 3, 10, 28, 28)  # slices 1-10, rows 2-27, columns 4-29, padded to 28 x 28
     assert torch.allclose(x[0, 2, 3:7, 8:18, 8:18], torch.tensor(0.9))
     assert np.allclose(out[1, 2:28, 4:30], 0.9, atol=1e-3) and np.allclose(out[2:11, 2:28, 4:30], 0.01, atol=1e-3)
@@ -120,7 +121,7 @@ def test_slices_stored_superior_first_and_flipped_rows_are_turned_for_the_outlin
     out, outline = prob.copy(), MarkingOutline()
     assert outline_in_place(out, hu, suv, _canonical(z_superior=False, flip_y=True), Preprocessing(), outline,
                             SPACING, ProcessSettings(), 0.4)
-    x = outline.inputs[0][0]
+    x = outline.seen[0][0]
     assert np.allclose(out[10, 2:28, 4:30], 0.9, atol=1e-3)  # the box's last array slice is its most inferior
     ct = x[1, 3:7]  # the lesion's slices, rows in the canonical (flipped) order
     assert torch.all(ct[:, 16:18, 8:18] > 0) and torch.all(ct[:, 8:16, 8:18] < 0)
@@ -137,8 +138,33 @@ def test_the_outline_refiner_is_left_out_where_it_cannot_help():
     assert not outline_in_place(prob, hu, suv, _canonical(), prep, refiner, SPACING, several, 0.4)
     assert not outline_in_place(prob, hu, suv, _canonical(), prep, refiner, (3.0, 0.5, 0.5), settings, 0.4)
     assert not outline_in_place(nothing, hu, suv, _canonical(), prep, refiner, SPACING, settings, 0.4)
-    assert not refiner.inputs and not nothing.any()
+    assert not refiner.seen and not nothing.any()
     losing = MarkingOutline(keep=False)  # would leave no lesion: the found one stays
     assert not outline_in_place(prob, hu, suv, _canonical(), prep, losing, SPACING, settings, 0.4)
-    assert len(losing.inputs) == 1
+    assert len(losing.seen) == 1
     assert np.array_equal(prob, before)
+
+
+def test_an_amplitude_outline_refiner_is_given_the_fitted_amplitude_in_its_own_box():
+    prob, hu, suv = _ct_grid_case()
+    hu[4:8, 12:18, 14:20] = 40.0  # the tumour at the CT's moment
+    suv[2:8, 12:18, 14:20] = 6.0  # its PET smear reaches two slices further inferior
+    outline = MarkingOutline(inputs=4, box_margin=(1, 2, 2))
+    notes: dict = {}
+    out = prob.copy()
+    assert outline_in_place(out, hu, suv, _canonical(), Preprocessing(), outline, SPACING, ProcessSettings(), 0.4,
+                            notes)
+    fitted = lesion_amplitude(hu, suv, prob >= 0.4, _canonical(), SPACING)
+    assert fitted.amplitude_mm > 0 and notes == {"si_amplitude_mm": fitted.amplitude_mm}
+    (x,) = outline.seen
+    assert x.shape == (1, 4, 6, 16, 16)  # slices 3-8, rows 8-21, columns 10-23, padded to 16 x 16
+    assert torch.all(x[0, 3] == fitted.amplitude_mm / AMPLITUDE_SCALE_MM)
+    assert np.allclose(out[3, 8:22, 10:24], 0.9, atol=1e-3) and not out[:3].any() and not out[9:].any()
+
+
+def test_the_amplitude_is_noted_as_unknown_and_given_as_0_when_it_cannot_be_fitted():
+    prob, hu, suv = _ct_grid_case()  # no soft tissue on the CT: no tumour to sweep
+    outline, notes = MarkingOutline(inputs=4), {}
+    assert outline_in_place(prob, hu, suv, _canonical(), Preprocessing(), outline, SPACING, ProcessSettings(), 0.4,
+                            notes)
+    assert notes == {"si_amplitude_mm": None} and torch.all(outline.seen[0][0, 3] == 0)
