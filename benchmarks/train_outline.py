@@ -38,10 +38,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model.metrics import dice  # noqa: E402
-from model.outline import KIND, PATCH, lesion_box, outline_refiner  # noqa: E402
+from model.outline import (  # noqa: E402
+    KIND,
+    PATCH,
+    box_margin,
+    lesion_box,
+    outline_refiner,
+    takes_amplitude,
+    with_amplitude,
+)
 from model.refiner import LesionRefiner, augmented, filled, fit, load_refiner, save_refiner  # noqa: E402
 from pipeline.postprocess import postprocess_with  # noqa: E402
-from pipeline.refinement import outline_in_place  # noqa: E402
+from pipeline.refinement import lesion_amplitude, outline_in_place  # noqa: E402
 from pipeline.settings import ProcessSettings  # noqa: E402
 from pipeline.stacks import Canonical  # noqa: E402
 
@@ -100,15 +108,25 @@ def load_box(path: Path) -> dict[str, np.ndarray]:
     return box
 
 
-def training_region(box: dict[str, np.ndarray], prep, threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """Input (3, Z, Y, X) and truth of the region the refiner sees in ``box``; None when nothing is delivered."""
+def training_region(box: dict[str, np.ndarray], prep, threshold: float,
+                    refiner: LesionRefiner) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+    """Input (3, Z, Y, X), truth and breathing amplitude of the region ``refiner`` sees in ``box``.
+
+    The amplitude is the node's fit (0 when none; None unless the refiner takes it). None
+    when nothing is delivered.
+    """
     spacing = tuple(float(s) for s in box["spacing"])
-    region = lesion_box(postprocess_with(box["prob"], spacing, SETTINGS, threshold, suv=box["suv"]) > 0)
+    lesion = postprocess_with(box["prob"], spacing, SETTINGS, threshold, suv=box["suv"]) > 0
+    region = lesion_box(lesion, box_margin(refiner))
     if region is None:
         return None
     x = np.stack([prep.normalise_pet(box["suv"][region]), prep.normalise_ct(box["ct"][region]),
                   box["prob"][region]]).astype(np.float32)
-    return x, box["truth"][region]
+    amplitude = None
+    if takes_amplitude(refiner):
+        fitted = lesion_amplitude(box["ct"], box["suv"], lesion, IDENTITY, spacing)
+        amplitude = 0.0 if fitted is None else fitted.amplitude_mm
+    return x, box["truth"][region], amplitude
 
 
 def training_window(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -160,24 +178,31 @@ def evaluate(model: LesionRefiner | None, paths: list[Path], prep, threshold: fl
 
 
 def train(boxes: list[Path], val: Path, out: Path, epochs: int, checkpoint: Path | None, seed: int = 7,
-          widths: tuple[int, int, int] = (8, 16, 32), batch: int = 4) -> None:
-    """Train on every stored box of ``boxes``, score ``val`` after each epoch, keep the best epoch."""
+          widths: tuple[int, int, int] = (8, 16, 32), batch: int = 4, amplitude: bool = False,
+          margin: tuple[int, int, int] | None = None) -> None:
+    """Train on every stored box of ``boxes``, score ``val`` after each epoch, keep the best epoch.
+
+    ``amplitude`` and ``margin``: see :func:`model.outline.outline_refiner`.
+    """
     predictor, threshold = predictor_of(checkpoint)
     prep = predictor.preprocessing
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    model = outline_refiner(widths, amplitude=amplitude, box_margin=margin)
     paths = sorted(p for folder in boxes for p in folder.glob("*.npz") if not p.stem.endswith(".tmp"))
-    data = [r for r in (training_region(load_box(p), prep, threshold) for p in paths) if r is not None]
+    data = [r for r in (training_region(load_box(p), prep, threshold, model) for p in paths) if r is not None]
     val_paths = sorted(val.glob("*.npz"))
     source = f"{len(data)} delivered lesions of {len(paths)} stored boxes ({', '.join(b.name for b in boxes)})"
     print(source, flush=True)
-    model = outline_refiner(widths)
     out.parent.mkdir(parents=True, exist_ok=True)
     without = delivered_scores(val_paths, threshold)
     best = -1.0
 
     def sample(j: int) -> tuple[np.ndarray, ...]:
-        x, y, m = training_window(*data[j], rng)
+        x, truth, amplitude_mm = data[j]
+        x, y, m = training_window(x, truth, rng)
+        if amplitude_mm is not None:
+            x = with_amplitude(x, amplitude_mm)
         x, (y, m) = augmented(x, [y, m], rng)
         return x, y, m
 
@@ -207,6 +232,10 @@ def main() -> None:
     parser.add_argument("--val", type=Path, help="stored boxes scored after each epoch (train) or scored (eval)")
     parser.add_argument("--out", type=Path, default=Path("runs/outline.safetensors"),
                         help="the checkpoint path the refiner is written beside (NAME.outline.safetensors)")
+    parser.add_argument("--amplitude", action="store_true",
+                        help="train a refiner that is also given the lesion's breathing amplitude fitted from its PET")
+    parser.add_argument("--box-margin", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                        help="CT voxels around the lesion the refiner re-outlines (default: model.outline.MARGIN)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -220,7 +249,8 @@ def main() -> None:
     elif args.action == "train":
         if not args.boxes:
             parser.error("train needs --boxes")
-        train(args.boxes, args.val, args.out, args.epochs, args.checkpoint)
+        train(args.boxes, args.val, args.out, args.epochs, args.checkpoint, amplitude=args.amplitude,
+              margin=None if args.box_margin is None else tuple(args.box_margin))
     else:
         predictor, threshold = predictor_of(args.checkpoint)
         model = load_refiner(args.out, network_sha256=predictor.metadata["weights_sha256"], kind=KIND)
