@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.refiner import KINDS, LesionRefiner, filled
+from model.refiner import KINDS, LesionRefiner, Refiner, filled
 
 #: File kind beside the checkpoint (``NAME.outline.safetensors``).
 KIND = KINDS[1]
@@ -60,12 +60,12 @@ def lesion_box(lesion: np.ndarray, margin: tuple[int, int, int] = MARGIN) -> tup
                  for h, m, n in zip(hits, margin, lesion.shape, strict=True))
 
 
-def box_margin(model: LesionRefiner) -> tuple[int, int, int]:
+def box_margin(model: Refiner) -> tuple[int, int, int]:
     """The CT voxels (z, y, x) around the lesion that outline refiner ``model`` re-outlines."""
     return MARGIN if model.box_margin is None else model.box_margin
 
 
-def takes_amplitude(model: LesionRefiner) -> bool:
+def takes_amplitude(model: Refiner) -> bool:
     """Whether outline refiner ``model`` is given the lesion's breathing amplitude."""
     return model.inputs == 4
 
@@ -85,7 +85,7 @@ def padded(crop: np.ndarray) -> np.ndarray:
     return out
 
 
-def outline_crop(model: LesionRefiner, crop: np.ndarray, amplitude_mm: float | None = None) -> np.ndarray:
+def outline_crop(model: Refiner, crop: np.ndarray, amplitude_mm: float | None = None) -> np.ndarray:
     """The outline refiner's probabilities (Z, Y, X) of a box around the delivered lesion.
 
     Parameters

@@ -18,7 +18,7 @@ from model.checkpoint import (
 )
 from model.device import resolve_device
 from model.preprocessing import Preprocessing
-from model.refiner import LesionRefiner, load_refiners
+from model.refiner import Refiner, load_refiners
 
 #: Test-time flip sets: (left-right flip, slice-order flip) per pass.
 TEST_TIME_FLIPS: dict[str, tuple[tuple[bool, bool], ...]] = {
@@ -28,7 +28,7 @@ TEST_TIME_FLIPS: dict[str, tuple[tuple[bool, bool], ...]] = {
 }
 
 
-def refined_version(version: str, refiner: LesionRefiner | None, outline: LesionRefiner | None) -> str:
+def refined_version(version: str, refiner: Refiner | None, outline: Refiner | None) -> str:
     """The version results carry: the network's, plus ``+r`` and ``+o`` with the lesion and outline refiners' digests.
 
     Results derive their UIDs from the version, so a model whose refiners change writes
@@ -67,8 +67,8 @@ class Predictor:
     version: str
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    refiner: LesionRefiner | None = None
-    outline: LesionRefiner | None = None
+    refiner: Refiner | None = None
+    outline: Refiner | None = None
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, device: str = "cpu") -> Predictor:

@@ -13,6 +13,7 @@ from model.refiner import (
     CROP,
     FILL,
     LesionRefiner,
+    RefinerEnsemble,
     augmented,
     crop_around,
     fit,
@@ -174,3 +175,55 @@ def test_fit_trains_reproducibly_and_reports_every_epoch_in_eval_mode():
     assert all(same)
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
                                                      strict=True))
+
+
+def _members(n=3, **kwargs):
+    members = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        model = LesionRefiner((4, 8, 8), (16, 24, 24), **kwargs)
+        torch.nn.init.normal_(model.head.weight)
+        members.append(model.eval())
+    return members
+
+
+def test_an_ensemble_averages_its_members_logits_and_refines_like_one_refiner():
+    members = _members()
+    ensemble = RefinerEnsemble(members).eval()
+    x = torch.rand(1, 3, 16, 24, 24)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members]).mean(0)
+        assert torch.allclose(ensemble(x), expected, atol=1e-6)
+        assert not torch.allclose(ensemble(x), members[0](x), atol=1e-3)
+    volume = _volume(n=20, h=32, w=32)
+    lesion = np.zeros((20, 32, 32), bool)
+    lesion[8:11, 12:16, 12:16] = True
+    probs, region = ensemble.refine(volume, lesion)
+    single, single_region = members[0].refine(volume, lesion)
+    assert probs.shape == lesion.shape and region == single_region  # the same crop as one refiner
+    assert probs[region].min() > 0 and not np.allclose(probs, single, atol=1e-3)
+
+
+def test_an_ensemble_refuses_members_of_different_configurations():
+    with pytest.raises(ValueError, match="share"):
+        RefinerEnsemble(_members(1) + _members(1, inputs=4))
+    with pytest.raises(ValueError, match="at least one"):
+        RefinerEnsemble([])
+
+
+def test_an_ensemble_is_saved_as_one_file_and_loads_as_an_ensemble(tmp_path):
+    ensemble = RefinerEnsemble(_members(2, inputs=4, box_margin=(6, 12, 12))).eval()
+    checkpoint = tmp_path / "net.safetensors"
+    save_refiner(ensemble, checkpoint, {"member_seeds": [0, 1]}, network_sha256=NETWORK, kind="outline")
+    meta = json.loads((tmp_path / "net.outline.json").read_text())
+    assert meta["members"] == 2 and meta["inputs"] == 4 and meta["box_margin"] == [6, 12, 12]
+    loaded = load_refiner(checkpoint, network_sha256=NETWORK, kind="outline")
+    assert isinstance(loaded, RefinerEnsemble) and len(loaded.members) == 2
+    assert loaded.inputs == 4 and loaded.box_margin == (6, 12, 12) and len(loaded.digest) == 8
+    x = torch.rand(1, 4, 16, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ensemble(x))
+    meta["members"] = 3  # more members than the weights hold
+    (tmp_path / "net.outline.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_refiner(checkpoint, network_sha256=NETWORK, kind="outline")
