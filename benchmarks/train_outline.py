@@ -9,6 +9,8 @@ Usage (from the folder holding ``data/``; the ``outline`` stage of ``train_defau
     python benchmarks/train_outline.py boxes data/select_igtv --boxes runs/outline_boxes/select
     python benchmarks/train_outline.py train --boxes runs/outline_boxes/train \\
         --val runs/outline_boxes/select --out runs/outline.safetensors
+    python benchmarks/train_outline.py ensemble --member runs/seed7/outline.safetensors \
+        --member runs/seed8/outline.safetensors --val runs/outline_boxes/select --out runs/outline.safetensors
     python benchmarks/train_outline.py eval --val runs/outline_boxes/select --out runs/outline.safetensors
 
 ``boxes`` runs each labelled study through the node's path up to the CT grid (network and
@@ -18,8 +20,11 @@ and stores, per study, the CT-grid box holding the IGTV and every voxel of proba
 truth. After that the study's DICOM files may go. ``train`` learns from the boxes of
 ``--boxes``, scores the ``--val`` boxes after each epoch (the Dice of the lesion the node
 delivers, with the node's own code) and keeps the best epoch beside ``--out``
-(``NAME.outline.safetensors``: copy it beside the checkpoint it refines); ``eval`` prints
-that score, without and with the refiner, overall and by IGTV size.
+(``NAME.outline.safetensors``: copy it beside the checkpoint it refines); ``--amplitude``
+gives it the lesion's breathing amplitude fitted from its PET (:mod:`pipeline.motion`),
+``--box-margin`` its box, ``--seed`` its start. ``ensemble`` joins refiners trained from
+different seeds into one whose logits are their mean, written beside ``--out``; ``eval``
+prints the score, without and with the refiner, overall and by IGTV size.
 """
 
 from __future__ import annotations
@@ -47,7 +52,16 @@ from model.outline import (  # noqa: E402
     takes_amplitude,
     with_amplitude,
 )
-from model.refiner import LesionRefiner, augmented, filled, fit, load_refiner, save_refiner  # noqa: E402
+from model.refiner import (  # noqa: E402
+    LesionRefiner,
+    RefinerEnsemble,
+    augmented,
+    filled,
+    fit,
+    load_refiner,
+    refiner_path,
+    save_refiner,
+)
 from pipeline.postprocess import postprocess_with  # noqa: E402
 from pipeline.refinement import lesion_amplitude, outline_in_place  # noqa: E402
 from pipeline.settings import ProcessSettings  # noqa: E402
@@ -221,9 +235,28 @@ def train(boxes: list[Path], val: Path, out: Path, epochs: int, checkpoint: Path
     fit(model, sample, len(data), epochs, 2e-3, 0.1, rng, after_epoch, batch)
 
 
+def ensemble(members: list[Path], val: Path, out: Path, checkpoint: Path | None) -> None:
+    """Write beside ``out`` the outline refiners beside ``members`` as one :class:`~model.refiner.RefinerEnsemble`, scored on ``val``."""
+    predictor, threshold = predictor_of(checkpoint)
+    network = predictor.metadata["weights_sha256"]
+    refiners = [load_refiner(m, network_sha256=network, kind=KIND) for m in members]
+    missing = [str(m) for m, r in zip(members, refiners, strict=True) if r is None]
+    if missing:
+        raise SystemExit(f"no outline refiner beside {', '.join(missing)}")
+    model = RefinerEnsemble(refiners).eval()
+    score = evaluate(model, sorted(val.glob("*.npz")), predictor.preprocessing, threshold)["summary"]
+    print(f"ensemble of {len(refiners)}: {val.name} {score['delivered']:.4f} -> {score['outlined']:.4f}", flush=True)
+    metas = [json.loads(refiner_path(m, KIND).with_suffix(".json").read_text()) for m in members]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_refiner(model, out, {"trained_on": metas[0].get("trained_on"), "member_seeds": [m.get("seed") for m in metas],
+                              "member_best_epochs": [m.get("best_epoch") for m in metas], "selected_on": val.name,
+                              "val_dice": score["outlined"], "val_dice_without": score["delivered"]},
+                 network_sha256=network, kind=KIND)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("boxes", "train", "eval"))
+    parser.add_argument("action", choices=("boxes", "train", "ensemble", "eval"))
     parser.add_argument("data", nargs="*", help="study folders (boxes)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the network whose lesions are re-outlined (default: the shipped one)")
@@ -236,7 +269,10 @@ def main() -> None:
                         help="train a refiner that is also given the lesion's breathing amplitude fitted from its PET")
     parser.add_argument("--box-margin", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                         help="CT voxels around the lesion the refiner re-outlines (default: model.outline.MARGIN)")
+    parser.add_argument("--member", type=Path, action="append", default=None,
+                        help="ensemble: a checkpoint path that train wrote an outline refiner beside (give two or more)")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=7, help="seed of the initial weights, windows and augmentation")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,8 +285,12 @@ def main() -> None:
     elif args.action == "train":
         if not args.boxes:
             parser.error("train needs --boxes")
-        train(args.boxes, args.val, args.out, args.epochs, args.checkpoint, amplitude=args.amplitude,
+        train(args.boxes, args.val, args.out, args.epochs, args.checkpoint, seed=args.seed, amplitude=args.amplitude,
               margin=None if args.box_margin is None else tuple(args.box_margin))
+    elif args.action == "ensemble":
+        if not args.member or len(args.member) < 2:
+            parser.error("ensemble needs two or more --member")
+        ensemble(args.member, args.val, args.out, args.checkpoint)
     else:
         predictor, threshold = predictor_of(args.checkpoint)
         model = load_refiner(args.out, network_sha256=predictor.metadata["weights_sha256"], kind=KIND)
