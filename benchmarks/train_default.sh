@@ -183,9 +183,7 @@ for stage in $STAGES; do
         # reduced to CT-grid boxes around their lesions by the shipped network and lesion refiner, as
         # are the selection studies; 20 epochs of an 8-16-32-channel refiner pooling in-plane, the best
         # epoch by the selection studies' delivered Dice; written beside the checkpoint as
-        # igtv_sim_mamba.outline.*; run after stage refiner. Since session 15 it is also given each
-        # lesion's breathing amplitude fitted from its PET smear (pipeline/motion.py) and re-outlines
-        # 6 slices and 12 pixels around the lesion
+        # igtv_sim_mamba.outline.*; run after stage refiner
         [[ -d $DATA/outline_igtv ]] || $IGTV synth "$DATA/outline_igtv" --seed 4000 --cases 160 --motion breathing \
             --workers "$WORKERS"
         [[ -d $DATA/outline2_igtv ]] || $IGTV synth "$DATA/outline2_igtv" --seed 4160 --cases 80 --motion breathing \
@@ -194,8 +192,7 @@ for stage in $STAGES; do
         outline_step boxes data/outline2_igtv --boxes runs/outline_boxes/train2
         outline_step boxes data/select_igtv --boxes runs/outline_boxes/select
         outline_step train --boxes runs/outline_boxes/train --boxes runs/outline_boxes/train2 \
-            --val runs/outline_boxes/select --epochs 20 --amplitude --box-margin 6 12 12 \
-            --out runs/igtv_sim_mamba.safetensors
+            --val runs/outline_boxes/select --epochs 20 --out runs/igtv_sim_mamba.safetensors
         ;;
     refiner12)
         # session 12's refiner candidates, not shipped (the selection studies scored them 0.8679
