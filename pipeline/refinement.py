@@ -128,14 +128,14 @@ def outline_in_place(prob_ct: np.ndarray, ct_hu: np.ndarray, suv: np.ndarray, ca
     amplitude = None
     if takes_amplitude(outline):
         fit = lesion_amplitude(ct_hu, suv, lesion, canonical, spacing_zyx)
-        amplitude = None if fit is None else fit.amplitude_mm
         if notes is not None:
-            notes["si_amplitude_mm"] = amplitude
+            notes["si_amplitude_mm"] = None if fit is None else fit.amplitude_mm
+        amplitude = 0.0 if fit is None else fit.amplitude_mm
     del lesion
     crop = np.stack([prep.normalise_pet(canonical_crop(canonical, suv, box)),
                      prep.normalise_ct(canonical_crop(canonical, ct_hu, box)),
                      canonical_crop(canonical, prob_ct, box)]).astype(np.float32)
-    refined = outline_crop(outline, crop, 0.0 if amplitude is None and takes_amplitude(outline) else amplitude)
+    refined = outline_crop(outline, crop, amplitude)
     voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
     if np.count_nonzero(refined >= threshold) * voxel_cc < settings.min_component_cc:
         return False
