@@ -104,3 +104,41 @@ def test_error_analysis_reports_gtv_overlap_envelope_and_the_model_grid_ceilings
     # the small study's CT pixels are coarser than the 2 mm model grid: both label kinds come
     # back whole (tests/pipeline/test_stacks.py compares them on a ~1 mm CT)
     assert row["ceiling_majority"] == pytest.approx(1.0) and row["ceiling_area"] == pytest.approx(1.0)
+
+
+def _threshold_rows(best_of, n=24, seed=0):
+    """Studies whose Dice peaks (at 0.9) at the threshold ``best_of(amplitude)`` and falls 0.5 per unit away."""
+    from benchmarks.amplitude_threshold import THRESHOLDS
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for amplitude in rng.uniform(0, 20, n):
+        curve = 0.9 - 0.5 * np.abs(THRESHOLDS - best_of(amplitude))
+        rows.append({"study": "x", "amplitude_mm": float(amplitude), "igtv_cc": 1.0, "dice": curve.tolist()})
+    return rows
+
+
+def test_amplitude_threshold_rule_finds_a_real_dependence_and_gains_nothing_without_one():
+    from benchmarks.amplitude_threshold import summarise
+
+    follows = summarise(_threshold_rows(lambda a: 0.5 - 0.02 * (a - 8)))
+    assert follows["rule_in_sample"]["slope"] == pytest.approx(-0.02)
+    assert follows["paired_gain"] > 0.05 and follows["rule_leave_one_out"] > follows["default"]
+    assert follows["rule_leave_one_out"] <= follows["per_study_best"] <= 0.9
+
+    rng = np.random.default_rng(1)
+    unrelated = summarise(_threshold_rows(lambda a: 0.5 + rng.choice([-0.2, 0.2])))
+    # the rule can only fit noise here: what it finds in sample does not hold out of it
+    assert abs(unrelated["paired_gain"]) < 0.01 < follows["paired_gain"]
+    assert unrelated["rule_in_sample"]["dice"] >= unrelated["rule_leave_one_out"]
+
+
+def test_amplitude_threshold_scores_the_nodes_outline_at_every_threshold(small_study):
+    from benchmarks.amplitude_threshold import DEFAULT_OUTLINE, THRESHOLDS, study_curves
+
+    (row,) = study_curves([small_study], None)
+    curve = row["dice"]
+    assert len(curve) == len(THRESHOLDS) and all(0 <= d <= 1 for d in curve)
+    node = run_evaluation([small_study], baselines=False, echo=False)["cases"][0]["SIM-Mamba"]["dice"]
+    assert curve[list(THRESHOLDS).index(DEFAULT_OUTLINE)] == pytest.approx(node)
+    assert row["igtv_cc"] > 0 and len(set(np.round(curve, 6))) > 1  # the threshold changes the outline
