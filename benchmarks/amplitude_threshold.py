@@ -28,8 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.evaluation import SMALL_TARGET_CC
+from pipeline.settings import ProcessSettings
+
 THRESHOLDS = np.round(np.arange(0.15, 0.851, 0.05), 2)
-DEFAULT_OUTLINE = 0.5
+#: The node's outline threshold, and its column in each study's curve.
+DEFAULT_OUTLINE = ProcessSettings().delineation_threshold
+DEFAULT_COLUMN = list(THRESHOLDS).index(DEFAULT_OUTLINE)
 #: Amplitude (mm) the rule is centred on, and the one assumed when none could be fitted.
 CENTRE_MM = 8.0
 RULE_OFFSETS = np.round(np.arange(0.30, 0.701, 0.05), 2)
@@ -44,7 +49,6 @@ def study_curves(data: list[Path], checkpoint: Path | None) -> list[dict]:
     from model.predict import Predictor
     from pipeline.evaluation import case_probabilities, load_case, postprocess_case
     from pipeline.refinement import lesion_amplitude
-    from pipeline.settings import ProcessSettings
     from pipeline.stacks import build_stacks
     from pipeline.training import find_studies
 
@@ -67,9 +71,9 @@ def study_curves(data: list[Path], checkpoint: Path | None) -> list[dict]:
             at = ProcessSettings(delineation_threshold=float(t))
             curve.append(dice(postprocess_case(case, prob, at, min(found_at, float(t))), case.truth))
         rows.append({"study": case.study_uid, "amplitude_mm": None if fit is None else fit.amplitude_mm,
-                     "igtv_cc": float(case.truth.sum() * np.prod(case.spacing_zyx) / 1000), "dice": curve})
+                     "igtv_cc": case.truth_cc, "dice": curve})
         print(f"study {len(rows)}: IGTV {rows[-1]['igtv_cc']:.2f} cc, amplitude {rows[-1]['amplitude_mm']}, "
-              f"Dice at {DEFAULT_OUTLINE} {curve[list(THRESHOLDS).index(DEFAULT_OUTLINE)]:.3f}", flush=True)
+              f"Dice at {DEFAULT_OUTLINE} {curve[DEFAULT_COLUMN]:.3f}", flush=True)
     return rows
 
 
@@ -90,8 +94,8 @@ def summarise(rows: list[dict]) -> dict:
     """Single thresholds, the per-study oracle, the rule in sample and leave-one-out."""
     curves = np.array([r["dice"] for r in rows])
     amplitude = np.array([CENTRE_MM if r["amplitude_mm"] is None else r["amplitude_mm"] for r in rows])
-    small = np.array([r["igtv_cc"] < 2 for r in rows])
-    default = curves[:, list(THRESHOLDS).index(DEFAULT_OUTLINE)]
+    small = np.array([r["igtv_cc"] < SMALL_TARGET_CC for r in rows])
+    default = curves[:, DEFAULT_COLUMN]
     in_sample = fit_rule(curves, amplitude)
     held = np.empty(len(rows))
     for i in range(len(rows)):

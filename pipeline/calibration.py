@@ -139,7 +139,7 @@ def calibrate(
         prob = case_probabilities(case, predictor, settings)
         row = [dice(postprocess_case(case, prob, settings, t), case.truth) for t in thresholds]
         rows.append(row)
-        volumes.append(float(case.truth.sum() * np.prod(case.spacing_zyx) / 1000.0))
+        volumes.append(case.truth_cc)
         studies.append(case.study_uid)
         if echo:
             print(f"{case.study_uid}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(thresholds, row, strict=True)),

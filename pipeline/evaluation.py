@@ -45,6 +45,11 @@ class LoadedCase:
     truth: np.ndarray
     spacing_zyx: tuple[float, float, float]
 
+    @property
+    def truth_cc(self) -> float:
+        """Volume of the target (truth mask) in cc."""
+        return float(self.truth.sum() * np.prod(self.spacing_zyx) / 1000.0)
+
 
 def load_case(ref: Any, roi_names: Sequence[str]) -> LoadedCase:
     """Read a labelled study through the inference path's loading steps."""
@@ -245,7 +250,7 @@ def run_evaluation(
     rows: list[dict[str, Any]] = []
     for ref in refs:
         case = load_case(ref, roi_names)
-        row: dict[str, Any] = {"study": case.study_uid, "truth_cc": float(case.truth.sum() * np.prod(case.spacing_zyx) / 1000)}
+        row: dict[str, Any] = {"study": case.study_uid, "truth_cc": case.truth_cc}
         for name, predictor in models.items():
             row[name] = case_metrics(predict_case(case, predictor, settings), case.truth, case.spacing_zyx)
         if baselines:

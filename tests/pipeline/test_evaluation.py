@@ -134,11 +134,11 @@ def test_amplitude_threshold_rule_finds_a_real_dependence_and_gains_nothing_with
 
 
 def test_amplitude_threshold_scores_the_nodes_outline_at_every_threshold(small_study):
-    from benchmarks.amplitude_threshold import DEFAULT_OUTLINE, THRESHOLDS, study_curves
+    from benchmarks.amplitude_threshold import DEFAULT_COLUMN, THRESHOLDS, study_curves
 
     (row,) = study_curves([small_study], None)
     curve = row["dice"]
     assert len(curve) == len(THRESHOLDS) and all(0 <= d <= 1 for d in curve)
     node = run_evaluation([small_study], baselines=False, echo=False)["cases"][0]["SIM-Mamba"]["dice"]
-    assert curve[list(THRESHOLDS).index(DEFAULT_OUTLINE)] == pytest.approx(node)
+    assert curve[DEFAULT_COLUMN] == pytest.approx(node)
     assert row["igtv_cc"] > 0 and len(set(np.round(curve, 6))) > 1  # the threshold changes the outline
